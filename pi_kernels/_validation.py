@@ -1,0 +1,192 @@
+"""Argument checks and position-form resolution shared by every op that takes RoPE positions.
+
+Shape, dtype and device checks run in the Python wrappers, where ``torch.compile`` traces them for free. Checks on
+tensor *values* (negative positions, malformed ``cu_seqlens``) need a device-to-host sync, so they run inside the
+custom ops' eager implementations, and can be switched off with :func:`set_value_checks` for CUDA-graph or
+latency-critical code; they are skipped automatically while a CUDA stream is being captured.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("bshd", "bhsd", "sbhd", "thd")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TO_BSHD = {"bshd": (0, 1, 2, 3), "bhsd": (0, 2, 1, 3), "sbhd": (1, 0, 2, 3)}
+
+# How a kernel reads positions: 0 = arange + scalar offset, 1 = arange + offset per batch row (or per sequence for
+# packed input), 2 = explicit ids.
+POSITIONS_ARANGE, POSITIONS_OFFSETS, POSITIONS_IDS = 0, 1, 2
+
+_value_checks = {"enabled": True}
+
+
+def set_value_checks(enabled):
+    """Turn the synchronizing checks on tensor values (positions ≥ 0, well-formed ``cu_seqlens``) on or off."""
+    _value_checks["enabled"] = bool(enabled)
+
+
+def value_checks_enabled(device):
+    if not _value_checks["enabled"]:
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def to_bshd(x, layout):
+    """View x (any layout) as (batch, seq, heads, dim); packed ``thd`` becomes a batch of one. No copy."""
+    if layout == "thd":
+        return x.unsqueeze(0)
+    return x.permute(_TO_BSHD[layout])
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """Resolved positions: ``mode`` is one of the POSITIONS_* kinds; ``ids`` the tensor (or None); ``offset`` int."""
+
+    mode: int
+    ids: torch.Tensor | None
+    offset: int
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def check_qk(q, k, layout):
+    """Check q and k tensors for a layout; returns their (batch, seq, heads, dim) views."""
+    check_layout(layout)
+    ndim = 3 if layout == "thd" else 4
+    shape_doc = "(total_tokens, heads, head_dim)" if layout == "thd" else f"{layout} (4-D)"
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must have shape {shape_doc} for layout={layout!r}, got {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k.dtype ({k.dtype}) must match q.dtype ({q.dtype})")
+    if k.device != q.device:
+        raise ValueError(f"k is on {k.device} but q is on {q.device}; they must be on the same device")
+    q4, k4 = to_bshd(q, layout), to_bshd(k, layout)
+    if q4.shape[:2] != k4.shape[:2]:
+        what = "token count" if layout == "thd" else "batch and seq sizes"
+        raise ValueError(f"q and k must have the same {what}: q {tuple(q.shape)}, k {tuple(k.shape)} ({layout})")
+    if k4.shape[3] != q4.shape[3]:
+        raise ValueError(f"k head_dim ({k4.shape[3]}) must equal q head_dim ({q4.shape[3]})")
+    if q4.shape[3] % 2:
+        raise ValueError(f"head_dim must be even, got {q4.shape[3]}")
+    return q4, k4
+
+
+def check_rotary_dim(rotary_dim, head_dim):
+    if rotary_dim is None:
+        return head_dim
+    if not _is_int(rotary_dim) or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be a positive even int ≤ head_dim ({head_dim}), got {rotary_dim!r}")
+    return int(rotary_dim)
+
+
+def _is_positive_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_scaling_factor(scaling_factor):
+    if not _is_positive_real(scaling_factor):
+        raise ValueError(f"scaling_factor must be a finite number > 0 (L'/L), got {scaling_factor!r}")
+
+
+def check_base(base):
+    if not _is_positive_real(base):
+        raise ValueError(f"base must be a finite number > 0, got {base!r}")
+
+
+def check_inv_freq(inv_freq, rotary_dim):
+    if not isinstance(inv_freq, torch.Tensor) or not inv_freq.is_floating_point():
+        raise TypeError(f"inv_freq must be a floating-point tensor, got {getattr(inv_freq, 'dtype', inv_freq)!r}")
+    if inv_freq.shape != (rotary_dim // 2,):
+        raise ValueError(f"inv_freq must have shape (rotary_dim // 2,) = ({rotary_dim // 2},), got "
+                         f"{tuple(inv_freq.shape)}")
+
+
+def _check_position_tensor(positions, device):
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"positions must be an int32 or int64 tensor, got {positions.dtype}")
+    if positions.device != device:
+        raise ValueError(f"positions is on {positions.device} but q is on {device}")
+
+
+def resolve_positions(positions, batch, seq, device):
+    """Resolve the dense-layout positions forms (see ``rotary_interp``) into a :class:`PositionSpec`."""
+    if positions is None:
+        return PositionSpec(POSITIONS_ARANGE, None, 0)
+    if _is_int(positions):
+        if positions < 0:
+            raise ValueError(f"positions offset must be ≥ 0, got {positions}")
+        return PositionSpec(POSITIONS_ARANGE, None, int(positions))
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
+    _check_position_tensor(positions, device)
+    expected = f"(batch,)=({batch},) offsets, (seq,)=({seq},) ids or (batch or 1, seq)=({batch}, {seq}) ids"
+    if positions.dim() == 2:
+        if positions.shape[1] != seq or positions.shape[0] not in (1, batch):
+            raise ValueError(f"positions must have shape {expected}, got {tuple(positions.shape)}")
+        return PositionSpec(POSITIONS_IDS, positions, 0)
+    if positions.dim() != 1 or positions.shape[0] not in (batch, seq):
+        raise ValueError(f"positions must have shape {expected}, got {tuple(positions.shape)}")
+    if batch == seq and batch > 1:
+        raise ValueError(f"positions of shape ({seq},) is ambiguous when batch == seq == {seq}: pass ids as "
+                         f"(1, seq) or (batch, seq), e.g. offsets[:, None] + torch.arange(seq)")
+    if positions.shape[0] == seq:
+        return PositionSpec(POSITIONS_IDS, positions.unsqueeze(0), 0)
+    return PositionSpec(POSITIONS_OFFSETS, positions, 0)
+
+
+def resolve_varlen_positions(positions, cu_seqlens, max_seqlen, total, device):
+    """Resolve packed-layout positions: None/int/(n_seqs,) offsets per sequence or (total_tokens,) ids."""
+    if cu_seqlens is None:
+        raise ValueError("layout='thd' requires cu_seqlens (n_seqs + 1 cumulative sequence lengths)")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64) \
+            or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor of n_seqs + 1 ≥ 2 entries")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if max_seqlen is not None and (not _is_int(max_seqlen) or max_seqlen <= 0):
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    n_seqs = cu_seqlens.shape[0] - 1
+    if positions is None or _is_int(positions):
+        return resolve_positions(positions, 1, 1, device)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
+    _check_position_tensor(positions, device)
+    if positions.dim() != 1 or positions.shape[0] not in (n_seqs, total):
+        raise ValueError(f"positions for layout='thd' must have shape (n_seqs,)=({n_seqs},) offsets or "
+                         f"(total_tokens,)=({total},) ids, got {tuple(positions.shape)}")
+    # With one token per sequence both readings give the same positions, so ids win without ambiguity.
+    if positions.shape[0] == total:
+        return PositionSpec(POSITIONS_IDS, positions, 0)
+    return PositionSpec(POSITIONS_OFFSETS, positions, 0)
+
+
+def check_values(positions, cu_seqlens, max_seqlen, total_tokens):
+    """The synchronizing checks on values; called from custom-op implementations on real tensors."""
+    if positions is not None and positions.numel() and value_checks_enabled(positions.device):
+        minimum = int(positions.min())
+        if minimum < 0:
+            raise ValueError(f"positions must be ≥ 0, got a minimum of {minimum}")
+    if cu_seqlens is None or not value_checks_enabled(cu_seqlens.device):
+        return
+    cu = cu_seqlens.to(device="cpu", dtype=torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != total_tokens or bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the token count "
+                         f"{total_tokens}, got {cu.tolist()[:8]}{'...' if len(cu) > 8 else ''}")
+    if max_seqlen is not None and int(lengths.max()) > max_seqlen:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds max_seqlen={max_seqlen}")

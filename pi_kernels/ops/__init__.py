@@ -1,0 +1,1 @@
+"""One module per op: Triton kernels, launcher, autograd.Function and torch.library registration."""

@@ -1,0 +1,402 @@
+"""Interpolated rotary embedding (RoPE with Position Interpolation) as one Triton kernel.
+
+The rotation of pair ``j`` at position ``m`` uses the angle ``(m / scaling_factor) * inv_freq[j]``. Angles are
+computed in the kernel from the positions, once per (token, pair), and reused for every head of q and k handled
+by the program, so no cos/sin cache is read.
+
+How the angle is computed, and why
+----------------------------------
+Plain float32 ``m * inv_freq`` has an absolute error of about ``ulp(angle)``: at m = 2**20 and scaling_factor 16
+the angle reaches 65536 rad, whose float32 ulp is 0.004 rad, which is a relative output error of ~3e-4. Instead
+the host folds ``1 / (2π · scaling_factor)`` into a float64 table, so the kernel gets the angle in *turns*:
+``t = m · inv_freq[j] / (2π s)`` in float64 (one multiply, exact to 1e-16 relative), drops the whole turns
+(``t - trunc(t)``, exact), and multiplies the fraction by 2π split into a float32-exact high part and a low part,
+still in float64. The reduced angle, now in (-2π, 2π), is rounded to float32 once and fed to float32 sin/cos, so
+the result matches the float64 reference to ~1e-7 at any position below 2**52. The float64 work is a handful of
+operations per (token, pair), amortized over all heads of the program.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _validation as v
+from ..scaling import rope_inv_freq
+
+__all__ = ["rotary_interp", "RotaryInterpFunction", "rotary_forward"]
+
+# 2π = _TWO_PI_HI + _TWO_PI_LO with _TWO_PI_HI exact in float32, so the constants mean the same whether Triton
+# materializes them as float32 or float64.
+_TWO_PI_HI = 6.2831854820251465
+_TWO_PI_LO = -1.7484556025237907e-07
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr,                         # input and output of one tensor (q or k); equal when in place
+    stride_b, stride_s, stride_h, stride_d,  # input strides in elements, (batch, seq, head, dim) order
+    ostride_b, ostride_s, ostride_h, ostride_d,
+    batch_idx, tokens, token_mask,          # scalar batch row; (BLOCK_T,) token indices within it
+    head_start, n_heads,
+    cos, sin,                               # (BLOCK_T, BLOCK_HALF) float32
+    ROTARY_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr,
+):
+    heads = head_start + tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_HALF)
+    # int64 before multiplying by strides: a tensor may hold more than 2**31 elements.
+    tokens64 = tokens.to(tl.int64)
+    heads64 = heads.to(tl.int64)
+    row_in = batch_idx * stride_b + tokens64 * stride_s
+    row_out = batch_idx * ostride_b + tokens64 * ostride_s
+    base_in = row_in[:, None, None] + heads64[None, :, None] * stride_h
+    base_out = row_out[:, None, None] + heads64[None, :, None] * ostride_h
+    if INTERLEAVED:
+        dim1 = 2 * pairs
+        dim2 = 2 * pairs + 1
+    else:
+        dim1 = pairs
+        dim2 = pairs + ROTARY_HALF
+    dim1 = dim1.to(tl.int64)[None, None, :]
+    dim2 = dim2.to(tl.int64)[None, None, :]
+    mask = token_mask[:, None, None] & (heads < n_heads)[None, :, None] & (pairs < ROTARY_HALF)[None, None, :]
+    x1 = tl.load(x_ptr + base_in + dim1 * stride_d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + base_in + dim2 * stride_d, mask=mask, other=0.0).to(tl.float32)
+    cos3 = cos[:, None, :]
+    sin3 = sin[:, None, :]
+    out1 = x1 * cos3 - x2 * sin3
+    out2 = x1 * sin3 + x2 * cos3
+    tl.store(out_ptr + base_out + dim1 * ostride_d, out1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + base_out + dim2 * ostride_d, out2.to(out_ptr.dtype.element_ty), mask=mask)
+    if COPY_TAIL:
+        # Features past rotary_dim pass through unchanged (only needed when not writing in place).
+        tail = 2 * ROTARY_HALF + tl.arange(0, BLOCK_TAIL)
+        tail_mask = token_mask[:, None, None] & (heads < n_heads)[None, :, None] & (tail < HEAD_DIM)[None, None, :]
+        tail64 = tail.to(tl.int64)[None, None, :]
+        rest = tl.load(x_ptr + base_in + tail64 * stride_d, mask=tail_mask)
+        tl.store(out_ptr + base_out + tail64 * ostride_d, rest, mask=tail_mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr,
+    turns_ptr,                  # float64 (ROTARY_HALF,): inv_freq / (2π · scaling_factor), turns per position
+    pos_ptr,                    # int32/int64 positions (ids or offsets), unused for POS_MODE 0
+    cu_seqlens_ptr,             # int32/int64 (n_seqs + 1,), only read when IS_VARLEN
+    pos_offset,                 # scalar offset for POS_MODE 0
+    seq_len, n_token_blocks, n_seqs, search_steps,
+    n_q_heads, n_k_heads, n_q_groups,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_qob, stride_qos, stride_qoh, stride_qod,
+    stride_kob, stride_kos, stride_koh, stride_kod,
+    stride_pb, stride_ps,       # positions strides: (batch row or sequence, token)
+    ROTARY_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
+    COPY_TAIL: tl.constexpr,
+):
+    # Grid: (batch · token blocks, q head groups + k head groups). One program rotates BLOCK_T tokens × BLOCK_H
+    # heads of q or of k, computing the angles for its tokens once.
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    batch_idx = (pid // n_token_blocks).to(tl.int64)
+    tokens = (pid % n_token_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < seq_len
+
+    if IS_VARLEN:
+        # Sequence of each token: the largest s with cu_seqlens[s] <= token (a vectorized binary search, so the
+        # grid stays linear in tokens whatever the sequence lengths).
+        lo = tl.zeros([BLOCK_T], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_T], dtype=tl.int32) + n_seqs
+        for _ in range(search_steps):
+            mid = (lo + hi) // 2
+            active = (hi - lo) > 1
+            start = tl.load(cu_seqlens_ptr + mid, mask=active & token_mask, other=0)
+            go_right = active & (start <= tokens)
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(active & ~go_right, mid, hi)
+        seq_idx = lo.to(tl.int64)
+        local = tokens - tl.load(cu_seqlens_ptr + seq_idx, mask=token_mask, other=0).to(tl.int32)
+        if POS_MODE == 0:
+            pos = local.to(tl.int64) + pos_offset
+        elif POS_MODE == 1:
+            pos = local.to(tl.int64) + tl.load(pos_ptr + seq_idx * stride_pb, mask=token_mask, other=0)
+        else:
+            pos = tl.load(pos_ptr + tokens.to(tl.int64) * stride_ps, mask=token_mask, other=0).to(tl.int64)
+    else:
+        if POS_MODE == 0:
+            pos = tokens.to(tl.int64) + pos_offset
+        elif POS_MODE == 1:
+            pos = tokens.to(tl.int64) + tl.load(pos_ptr + batch_idx * stride_pb).to(tl.int64)
+        else:
+            pos_offsets = batch_idx * stride_pb + tokens.to(tl.int64) * stride_ps
+            pos = tl.load(pos_ptr + pos_offsets, mask=token_mask, other=0).to(tl.int64)
+
+    pairs = tl.arange(0, BLOCK_HALF)
+    turns_per_pos = tl.load(turns_ptr + pairs, mask=pairs < ROTARY_HALF, other=0.0)
+    turns = pos.to(tl.float64)[:, None] * turns_per_pos[None, :]
+    turns = turns - turns.to(tl.int64).to(tl.float64)
+    angle = (turns * _TWO_PI_HI + turns * _TWO_PI_LO).to(tl.float32)
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    if CONJUGATE:
+        sin = -sin
+
+    if group < n_q_groups:
+        _rotate_heads(q_ptr, q_out_ptr, stride_qb, stride_qs, stride_qh, stride_qd,
+                      stride_qob, stride_qos, stride_qoh, stride_qod,
+                      batch_idx, tokens, token_mask, group * BLOCK_H, n_q_heads, cos, sin,
+                      ROTARY_HALF, HEAD_DIM, BLOCK_H, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
+    else:
+        _rotate_heads(k_ptr, k_out_ptr, stride_kb, stride_ks, stride_kh, stride_kd,
+                      stride_kob, stride_kos, stride_koh, stride_kod,
+                      batch_idx, tokens, token_mask, (group - n_q_groups) * BLOCK_H, n_k_heads, cos, sin,
+                      ROTARY_HALF, HEAD_DIM, BLOCK_H, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
+
+
+_TURNS_CACHE = {}
+
+
+def _turns_table(inv_freq, base, scaling_factor, rotary_dim, device):
+    """Float64 ``inv_freq / (2π · scaling_factor)``; cached per device for the ``base`` form."""
+    if inv_freq is not None:
+        return inv_freq.to(device=device, dtype=torch.float64) / (2.0 * math.pi * scaling_factor)
+    key = (float(base), int(rotary_dim), float(scaling_factor), str(device))
+    table = _TURNS_CACHE.get(key)
+    if table is None:
+        table = rope_inv_freq(base, rotary_dim, device=device) / (2.0 * math.pi * scaling_factor)
+        _TURNS_CACHE[key] = table
+    return table
+
+
+def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
+    """Launch the kernel on (batch, seq, heads, dim) views; outputs may be the inputs (in place)."""
+    batch, seq_len, n_q_heads, head_dim = q4.shape
+    n_k_heads = k4.shape[2]
+    if batch * seq_len == 0 or n_q_heads + n_k_heads == 0:
+        return
+    rotary_half = rotary_dim // 2
+    block_half = triton.next_power_of_2(rotary_half)
+    block_h = min(triton.next_power_of_2(max(1, min(n_q_heads, n_k_heads))), 16)
+    # About 8k rotated elements per program: enough bytes in flight per SM without spilling registers.
+    block_t = max(1, min(8192 // (block_h * 2 * block_half), triton.next_power_of_2(seq_len)))
+    copy_tail = rotary_dim < head_dim and q_out4.data_ptr() != q4.data_ptr()
+    block_tail = triton.next_power_of_2(head_dim - rotary_dim) if copy_tail else 1
+    n_token_blocks = triton.cdiv(seq_len, block_t)
+    n_q_groups = triton.cdiv(n_q_heads, block_h)
+    n_groups = n_q_groups + triton.cdiv(n_k_heads, block_h)
+    ids = spec.ids if spec.ids is not None else turns  # any valid pointer; not read for POS_MODE 0
+    stride_pb = spec.ids.stride(0) if spec.ids is not None else 0
+    stride_ps = spec.ids.stride(-1) if spec.ids is not None else 0
+    if spec.ids is not None and spec.ids.dim() == 2 and spec.ids.shape[0] == 1:
+        stride_pb = 0  # one row of ids shared by every batch row
+    n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+    grid = (batch * n_token_blocks, n_groups)
+    _rotary_kernel[grid](
+        q4, k4, q_out4, k_out4, turns, ids, cu_seqlens if cu_seqlens is not None else turns,
+        spec.offset, seq_len, n_token_blocks, n_seqs, max(1, math.ceil(math.log2(max(n_seqs, 1))) + 1),
+        n_q_heads, n_k_heads, n_q_groups,
+        *q4.stride(), *k4.stride(), *q_out4.stride(), *k_out4.stride(), stride_pb, stride_ps,
+        ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        BLOCK_TAIL=block_tail, POS_MODE=spec.mode, IS_VARLEN=cu_seqlens is not None, INTERLEAVED=interleaved,
+        CONJUGATE=conjugate, COPY_TAIL=copy_tail,
+        num_warps=4,
+    )
+
+
+def _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
+         scaling_factor, rotary_dim, interleaved, layout, conjugate):
+    """Shared body of the two custom ops: value checks, then one launch for q and k."""
+    q4, k4 = v.to_bshd(q, layout), v.to_bshd(k, layout)
+    v.check_values(positions, cu_seqlens, max_seqlen, q4.shape[1])
+    turns = _turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
+    spec = v.PositionSpec(position_mode, positions, position_offset)
+    _launch(q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns, rotary_dim,
+            interleaved, conjugate)
+
+
+@torch.library.custom_op("pi_kernels::rotary_interp", mutates_args=())
+def _rotary_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, position_mode: int,
+               position_offset: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
+               inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
+               interleaved: bool, layout: str, conjugate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
+         scaling_factor, rotary_dim, interleaved, layout, conjugate)
+    return q_out, k_out
+
+
+@_rotary_op.register_fake
+def _rotary_op_fake(q, k, *args):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("pi_kernels::rotary_interp_", mutates_args=("q", "k"))
+def _rotary_inplace_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, position_mode: int,
+                       position_offset: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
+                       inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
+                       interleaved: bool, layout: str, conjugate: bool) -> None:
+    _run(q, k, q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
+         scaling_factor, rotary_dim, interleaved, layout, conjugate)
+
+
+@_rotary_inplace_op.register_fake
+def _rotary_inplace_op_fake(q, k, *args):
+    return None
+
+
+def rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
+                   scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate):
+    """Rotate q and k (by -angle when ``conjugate``) with validated arguments; returns (q_out, k_out).
+
+    ``positions``/``position_mode``/``position_offset`` are a resolved position form (see ``_validation``).
+    """
+    args = (positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, float(base),
+            float(scaling_factor), rotary_dim, interleaved, layout, conjugate)
+    if inplace:
+        torch.ops.pi_kernels.rotary_interp_(q, k, *args)
+        return q, k
+    return torch.ops.pi_kernels.rotary_interp(q, k, *args)
+
+
+class RotaryInterpFunction(torch.autograd.Function):
+    """Autograd for interpolated RoPE: the backward is the same kernel rotating the gradients by -angle."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
+                scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate):
+        q_out, k_out = rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen,
+                                      inv_freq, base, scaling_factor, rotary_dim, interleaved, layout, inplace,
+                                      conjugate)
+        if inplace:
+            ctx.mark_dirty(q, k)
+        ctx.save_for_backward(positions, cu_seqlens, inv_freq)
+        ctx.options = (position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved,
+                       layout, conjugate)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        positions, cu_seqlens, inv_freq = ctx.saved_tensors
+        position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved, layout, \
+            conjugate = ctx.options
+        # Going through apply again keeps the backward itself differentiable (double backward).
+        grad_q, grad_k = RotaryInterpFunction.apply(grad_q, grad_k, positions, position_mode, position_offset,
+                                                    cu_seqlens, max_seqlen, inv_freq, base, scaling_factor,
+                                                    rotary_dim, interleaved, layout, False, not conjugate)
+        return grad_q, grad_k, *([None] * 13)
+
+
+def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv_freq=None, rotary_dim=None,
+                  interleaved=False, layout="bshd", inplace=False, cu_seqlens=None, max_seqlen=None):
+    """Apply rotary position embedding with Position Interpolation to q and k, in one launch.
+
+    The pair ``j`` of a head at position ``m`` is rotated by ``(m / scaling_factor) * inv_freq[j]``, with
+    ``inv_freq[j] = base ** (-2j / rotary_dim)`` unless ``inv_freq`` is given. ``scaling_factor`` is PI's L'/L.
+
+    Parameters
+    ----------
+    q : Tensor
+        (batch, seq, n_heads, head_dim) for ``layout="bshd"``; (batch, n_heads, seq, head_dim) for ``"bhsd"``
+        (Hugging Face); (seq, batch, n_heads, head_dim) for ``"sbhd"`` (Megatron); (total_tokens, n_heads,
+        head_dim) for packed ``"thd"``. float16, bfloat16 or float32, any strides.
+    k : Tensor
+        Same layout, dtype and device as q, with n_kv_heads heads (GQA/MQA: n_kv_heads may differ from n_heads).
+    positions : None, int or integer Tensor, optional
+        None: 0..seq-1. An int or a (batch,) tensor: offsets added to 0..seq-1 (e.g. the KV-cache length). A (seq,)
+        or (batch or 1, seq) tensor: explicit ids, like Hugging Face's ``position_ids``. A 1-D tensor is ambiguous
+        when batch == seq > 1 and rejected then. For ``"thd"``: None, an int or a (n_seqs,) tensor of offsets
+        within each sequence, or (total_tokens,) ids. int32 or int64, ≥ 0.
+    scaling_factor : float
+        L'/L, the context extension factor; > 0 (1.0 means plain RoPE).
+    base : float
+        RoPE base (``rope_theta``), used when ``inv_freq`` is None.
+    inv_freq : Tensor, optional
+        (rotary_dim // 2,) frequencies of any scheme (NTK, YaRN, Llama-3, ...); overrides ``base``.
+    rotary_dim : int, optional
+        Number of leading features rotated (even, ≤ head_dim); the rest pass through. Default head_dim.
+    interleaved : bool
+        False: rotate-half pairs (j, j + rotary_dim/2) as in GPT-NeoX/Llama. True: GPT-J pairs (2j, 2j+1).
+    layout : str
+        One of ``"bshd"``, ``"bhsd"``, ``"sbhd"``, ``"thd"``.
+    inplace : bool
+        Write into q and k (autograd-safe through ``mark_dirty``). Otherwise q and k are never modified.
+    cu_seqlens : Tensor, optional
+        (n_seqs + 1,) int32/int64 cumulative sequence lengths; required for ``"thd"`` and only valid with it.
+    max_seqlen : int, optional
+        Longest sequence of a ``"thd"`` batch (flash-attention's convention); when given it is checked.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        Rotated q and k, with the shapes and dtype of the inputs (the inputs themselves when ``inplace``).
+
+    Examples
+    --------
+    >>> q = torch.randn(2, 4096, 32, 128, device="cuda", dtype=torch.bfloat16)
+    >>> k = torch.randn(2, 4096, 8, 128, device="cuda", dtype=torch.bfloat16)
+    >>> q, k = pi_kernels.rotary_interp(q, k, scaling_factor=4.0, base=500000.0)
+    """
+    q4, k4 = v.check_qk(q, k, layout)
+    rotary_dim = v.check_rotary_dim(rotary_dim, q4.shape[3])
+    v.check_scaling_factor(scaling_factor)
+    if inv_freq is None:
+        v.check_base(base)
+    else:
+        v.check_inv_freq(inv_freq, rotary_dim)
+    if layout == "thd":
+        spec = v.resolve_varlen_positions(positions, cu_seqlens, max_seqlen, q4.shape[1], q.device)
+    else:
+        if cu_seqlens is not None or max_seqlen is not None:
+            raise ValueError(f"cu_seqlens and max_seqlen are only valid with layout='thd', got layout={layout!r}")
+        spec = v.resolve_positions(positions, q4.shape[0], q4.shape[1], q.device)
+    return RotaryInterpFunction.apply(q, k, spec.ids, spec.mode, spec.offset, cu_seqlens, max_seqlen, inv_freq,
+                                      base, scaling_factor, rotary_dim, bool(interleaved), layout, bool(inplace),
+                                      False)
+
+
+class RotaryInterp(torch.nn.Module):
+    """Interpolated RoPE as a module holding the frequency scheme and options.
+
+    Parameters
+    ----------
+    rotary_dim : int, optional
+        Rotated features per head (default: all of head_dim).
+    base, scaling_factor, inv_freq, interleaved, layout
+        As in :func:`rotary_interp`; ``inv_freq`` is kept as a non-persistent buffer so it follows ``.to()``.
+
+    Examples
+    --------
+    >>> rope = RotaryInterp(base=10000.0, scaling_factor=4.0)
+    >>> q, k = rope(q, k, position_ids)
+    """
+
+    def __init__(self, rotary_dim=None, *, base=10000.0, scaling_factor=1.0, inv_freq=None, interleaved=False,
+                 layout="bshd"):
+        super().__init__()
+        v.check_layout(layout)
+        v.check_scaling_factor(scaling_factor)
+        if inv_freq is None:
+            v.check_base(base)
+        elif rotary_dim is not None:
+            v.check_inv_freq(inv_freq, rotary_dim)
+        self.rotary_dim = rotary_dim
+        self.base = float(base)
+        self.scaling_factor = float(scaling_factor)
+        self.interleaved = bool(interleaved)
+        self.layout = layout
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, q, k, positions=None, *, inplace=False, cu_seqlens=None, max_seqlen=None):
+        """Rotate q and k; see :func:`rotary_interp` for shapes."""
+        return rotary_interp(q, k, positions, scaling_factor=self.scaling_factor, base=self.base,
+                             inv_freq=self.inv_freq, rotary_dim=self.rotary_dim, interleaved=self.interleaved,
+                             layout=self.layout, inplace=inplace, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+    def extra_repr(self):
+        return (f"rotary_dim={self.rotary_dim}, base={self.base}, scaling_factor={self.scaling_factor}, "
+                f"interleaved={self.interleaved}, layout={self.layout!r}")
