@@ -87,7 +87,7 @@ def _rotary_kernel(
     pos_ptr,                    # int32/int64 positions (ids or offsets), unused for POS_MODE 0
     cu_seqlens_ptr,             # int32/int64 (n_seqs + 1,), only read when IS_VARLEN
     pos_offset,                 # scalar offset for POS_MODE 0
-    seq_len, n_token_blocks, n_seqs, search_steps,
+    seq_len, n_token_blocks, n_seqs,
     n_q_heads, n_k_heads, n_q_groups,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -97,7 +97,7 @@ def _rotary_kernel(
     ROTARY_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
-    COPY_TAIL: tl.constexpr,
+    COPY_TAIL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     # Grid: (batch · token blocks, q head groups + k head groups). One program rotates BLOCK_T tokens × BLOCK_H
     # heads of q or of k, computing the angles for its tokens once.
@@ -112,7 +112,7 @@ def _rotary_kernel(
         # grid stays linear in tokens whatever the sequence lengths).
         lo = tl.zeros([BLOCK_T], dtype=tl.int32)
         hi = tl.zeros([BLOCK_T], dtype=tl.int32) + n_seqs
-        for _ in range(search_steps):
+        for _ in range(SEARCH_STEPS):
             mid = (lo + hi) // 2
             active = (hi - lo) > 1
             start = tl.load(cu_seqlens_ptr + mid, mask=active & token_mask, other=0)
@@ -195,15 +195,17 @@ def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interle
     if spec.ids is not None and spec.ids.dim() == 2 and spec.ids.shape[0] == 1:
         stride_pb = 0  # one row of ids shared by every batch row
     n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+    # Binary-search depth, rounded up to a multiple of 4 so few kernel variants get compiled; extra steps are no-ops.
+    search_steps = 4 * triton.cdiv(max(1, n_seqs).bit_length(), 4) if cu_seqlens is not None else 0
     grid = (batch * n_token_blocks, n_groups)
     _rotary_kernel[grid](
         q4, k4, q_out4, k_out4, turns, ids, cu_seqlens if cu_seqlens is not None else turns,
-        spec.offset, seq_len, n_token_blocks, n_seqs, max(1, math.ceil(math.log2(max(n_seqs, 1))) + 1),
+        spec.offset, seq_len, n_token_blocks, n_seqs,
         n_q_heads, n_k_heads, n_q_groups,
         *q4.stride(), *k4.stride(), *q_out4.stride(), *k_out4.stride(), stride_pb, stride_ps,
         ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
         BLOCK_TAIL=block_tail, POS_MODE=spec.mode, IS_VARLEN=cu_seqlens is not None, INTERLEAVED=interleaved,
-        CONJUGATE=conjugate, COPY_TAIL=copy_tail,
+        CONJUGATE=conjugate, COPY_TAIL=copy_tail, SEARCH_STEPS=search_steps,
         num_warps=4,
     )
 
