@@ -4,33 +4,18 @@ The rotation of pair ``j`` at position ``m`` uses the angle ``(m / scaling_facto
 computed in the kernel from the positions, once per (token, pair), and reused for every head of q and k handled
 by the program, so no cos/sin cache is read.
 
-How the angle is computed, and why
-----------------------------------
-Plain float32 ``m * inv_freq`` has an absolute error of about ``ulp(angle)``: at m = 2**20 and scaling_factor 16
-the angle reaches 65536 rad, whose float32 ulp is 0.004 rad, which is a relative output error of ~3e-4. Instead
-the host folds ``1 / (2π · scaling_factor)`` into a float64 table, so the kernel gets the angle in *turns*:
-``t = m · inv_freq[j] / (2π s)`` in float64 (one multiply, exact to 1e-16 relative), drops the whole turns
-(``t - trunc(t)``, exact), and multiplies the fraction by 2π split into a float32-exact high part and a low part,
-still in float64. The reduced angle, now in (-2π, 2π), is rounded to float32 once and fed to float32 sin/cos, so
-the result matches the float64 reference to ~1e-7 at any position below 2**52. The float64 work is a handful of
-operations per (token, pair), amortized over all heads of the program.
+The angle computation (float64 turns, exact range reduction, float32 sin/cos) lives in ``_rope.py`` with its
+rationale; it matches the float64 reference to ~1e-7 at positions up to 2**52.
 """
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _validation as v
-from ..scaling import rope_inv_freq
+from ._rope import position_pointer_and_strides, rope_cos_sin, token_positions, turns_table, varlen_search
 
-__all__ = ["rotary_interp", "RotaryInterpFunction", "rotary_forward"]
-
-# 2π = _TWO_PI_HI + _TWO_PI_LO with _TWO_PI_HI exact in float32, so the constants mean the same whether Triton
-# materializes them as float32 or float64.
-_TWO_PI_HI = 6.2831854820251465
-_TWO_PI_LO = -1.7484556025237907e-07
+__all__ = ["RotaryInterp", "RotaryInterpFunction", "rotary_forward", "rotary_interp"]
 
 
 @triton.jit
@@ -107,44 +92,9 @@ def _rotary_kernel(
     tokens = (pid % n_token_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < seq_len
 
-    if IS_VARLEN:
-        # Sequence of each token: the largest s with cu_seqlens[s] <= token (a vectorized binary search, so the
-        # grid stays linear in tokens whatever the sequence lengths).
-        lo = tl.zeros([BLOCK_T], dtype=tl.int32)
-        hi = tl.zeros([BLOCK_T], dtype=tl.int32) + n_seqs
-        for _ in range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            active = (hi - lo) > 1
-            start = tl.load(cu_seqlens_ptr + mid, mask=active & token_mask, other=0)
-            go_right = active & (start <= tokens)
-            lo = tl.where(go_right, mid, lo)
-            hi = tl.where(active & ~go_right, mid, hi)
-        seq_idx = lo.to(tl.int64)
-        local = tokens - tl.load(cu_seqlens_ptr + seq_idx, mask=token_mask, other=0).to(tl.int32)
-        if POS_MODE == 0:
-            pos = local.to(tl.int64) + pos_offset
-        elif POS_MODE == 1:
-            pos = local.to(tl.int64) + tl.load(pos_ptr + seq_idx * stride_pb, mask=token_mask, other=0)
-        else:
-            pos = tl.load(pos_ptr + tokens.to(tl.int64) * stride_ps, mask=token_mask, other=0).to(tl.int64)
-    else:
-        if POS_MODE == 0:
-            pos = tokens.to(tl.int64) + pos_offset
-        elif POS_MODE == 1:
-            pos = tokens.to(tl.int64) + tl.load(pos_ptr + batch_idx * stride_pb).to(tl.int64)
-        else:
-            pos_offsets = batch_idx * stride_pb + tokens.to(tl.int64) * stride_ps
-            pos = tl.load(pos_ptr + pos_offsets, mask=token_mask, other=0).to(tl.int64)
-
-    pairs = tl.arange(0, BLOCK_HALF)
-    turns_per_pos = tl.load(turns_ptr + pairs, mask=pairs < ROTARY_HALF, other=0.0)
-    turns = pos.to(tl.float64)[:, None] * turns_per_pos[None, :]
-    turns = turns - turns.to(tl.int64).to(tl.float64)
-    angle = (turns * _TWO_PI_HI + turns * _TWO_PI_LO).to(tl.float32)
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    if CONJUGATE:
-        sin = -sin
+    pos = token_positions(pos_ptr, cu_seqlens_ptr, batch_idx, tokens, token_mask, pos_offset, n_seqs,
+                          stride_pb, stride_ps, POS_MODE, IS_VARLEN, SEARCH_STEPS)
+    cos, sin = rope_cos_sin(pos, turns_ptr, ROTARY_HALF, BLOCK_HALF, CONJUGATE)
 
     if group < n_q_groups:
         _rotate_heads(q_ptr, q_out_ptr, stride_qb, stride_qs, stride_qh, stride_qd,
@@ -156,21 +106,6 @@ def _rotary_kernel(
                       stride_kob, stride_kos, stride_koh, stride_kod,
                       batch_idx, tokens, token_mask, (group - n_q_groups) * BLOCK_H, n_k_heads, cos, sin,
                       ROTARY_HALF, HEAD_DIM, BLOCK_H, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
-
-
-_TURNS_CACHE = {}
-
-
-def _turns_table(inv_freq, base, scaling_factor, rotary_dim, device):
-    """Float64 ``inv_freq / (2π · scaling_factor)``; cached per device for the ``base`` form."""
-    if inv_freq is not None:
-        return inv_freq.to(device=device, dtype=torch.float64) / (2.0 * math.pi * scaling_factor)
-    key = (float(base), int(rotary_dim), float(scaling_factor), str(device))
-    table = _TURNS_CACHE.get(key)
-    if table is None:
-        table = rope_inv_freq(base, rotary_dim, device=device) / (2.0 * math.pi * scaling_factor)
-        _TURNS_CACHE[key] = table
-    return table
 
 
 def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
@@ -189,14 +124,8 @@ def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interle
     n_token_blocks = triton.cdiv(seq_len, block_t)
     n_q_groups = triton.cdiv(n_q_heads, block_h)
     n_groups = n_q_groups + triton.cdiv(n_k_heads, block_h)
-    ids = spec.ids if spec.ids is not None else turns  # any valid pointer; not read for POS_MODE 0
-    stride_pb = spec.ids.stride(0) if spec.ids is not None else 0
-    stride_ps = spec.ids.stride(-1) if spec.ids is not None else 0
-    if spec.ids is not None and spec.ids.dim() == 2 and spec.ids.shape[0] == 1:
-        stride_pb = 0  # one row of ids shared by every batch row
-    n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
-    # Binary-search depth, rounded up to a multiple of 4 so few kernel variants get compiled; extra steps are no-ops.
-    search_steps = 4 * triton.cdiv(max(1, n_seqs).bit_length(), 4) if cu_seqlens is not None else 0
+    ids, stride_pb, stride_ps = position_pointer_and_strides(spec, turns)
+    n_seqs, search_steps = varlen_search(cu_seqlens)
     grid = (batch * n_token_blocks, n_groups)
     _rotary_kernel[grid](
         q4, k4, q_out4, k_out4, turns, ids, cu_seqlens if cu_seqlens is not None else turns,
@@ -215,7 +144,7 @@ def _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqle
     """Shared body of the two custom ops: value checks, then one launch for q and k."""
     q4, k4 = v.to_bshd(q, layout), v.to_bshd(k, layout)
     v.check_values(positions, cu_seqlens, max_seqlen, q4.shape[1])
-    turns = _turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
+    turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
     spec = v.PositionSpec(position_mode, positions, position_offset)
     _launch(q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns, rotary_dim,
             interleaved, conjugate)

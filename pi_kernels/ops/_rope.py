@@ -1,0 +1,122 @@
+"""RoPE pieces shared by every kernel that rotates: positions of a block of tokens, and accurate cos/sin.
+
+How the angle is computed, and why
+----------------------------------
+The rotation of pair ``j`` at position ``m`` uses ``(m / scaling_factor) * inv_freq[j]``. Plain float32
+``m * inv_freq`` has an absolute error of about ``ulp(angle)``: at m = 2**20 and scaling_factor 16 the angle reaches
+65536 rad, whose float32 ulp is 0.004 rad, a relative output error of ~3e-4. Instead the host folds
+``1 / (2π · scaling_factor)`` into a float64 table (:func:`turns_table`), so the kernel gets the angle in *turns*:
+``t = m · inv_freq[j] / (2π s)`` in float64 (one multiply, exact to 1e-16 relative), drops the whole turns
+(``t - trunc(t)``, exact), and multiplies the fraction by 2π split into a float32-exact high part and a low part,
+still in float64. The reduced angle, in (-2π, 2π), is rounded to float32 once and fed to float32 sin/cos, so the
+result matches the float64 reference to ~1e-7 at any position below 2**52. The float64 work is a handful of
+operations per (token, pair), amortized over every head a program rotates.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import POSITIONS_ARANGE, POSITIONS_OFFSETS
+from ..scaling import rope_inv_freq
+
+# 2π = _TWO_PI_HI + _TWO_PI_LO with _TWO_PI_HI exact in float32, so the constants mean the same whether Triton
+# materializes them as float32 or float64.
+_TWO_PI_HI = 6.2831854820251465
+_TWO_PI_LO = -1.7484556025237907e-07
+
+
+@triton.jit
+def token_positions(pos_ptr, cu_seqlens_ptr, batch_idx, tokens, token_mask, pos_offset, n_seqs, stride_pb,
+                    stride_ps, POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """int64 positions of ``tokens`` (a block of token indices; of batch row ``batch_idx``, a scalar or a block).
+
+    POS_MODE 0: arange + ``pos_offset``; 1: arange + offset per batch row (per sequence when IS_VARLEN); 2: ids.
+    With IS_VARLEN, ``tokens`` index the packed tokens and the arange restarts at each sequence of ``cu_seqlens``.
+    """
+    tokens64 = tokens.to(tl.int64)
+    if IS_VARLEN:
+        # Sequence of each token: the largest s with cu_seqlens[s] <= token, by a vectorized binary search, so
+        # grids stay linear in tokens whatever the sequence lengths.
+        lo = tl.zeros_like(tokens)
+        hi = tl.zeros_like(tokens) + n_seqs
+        for _ in range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            active = (hi - lo) > 1
+            start = tl.load(cu_seqlens_ptr + mid, mask=active & token_mask, other=0)
+            go_right = active & (start <= tokens)
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(active & ~go_right, mid, hi)
+        seq_idx = lo.to(tl.int64)
+        local = tokens64 - tl.load(cu_seqlens_ptr + seq_idx, mask=token_mask, other=0).to(tl.int64)
+        if POS_MODE == 0:
+            pos = local + pos_offset
+        elif POS_MODE == 1:
+            pos = local + tl.load(pos_ptr + seq_idx * stride_pb, mask=token_mask, other=0).to(tl.int64)
+        else:
+            pos = tl.load(pos_ptr + tokens64 * stride_ps, mask=token_mask, other=0).to(tl.int64)
+    else:
+        if POS_MODE == 0:
+            pos = tokens64 + pos_offset
+        elif POS_MODE == 1:
+            row = batch_idx * stride_pb + tokens64 * 0
+            pos = tokens64 + tl.load(pos_ptr + row, mask=token_mask, other=0).to(tl.int64)
+        else:
+            pos = tl.load(pos_ptr + batch_idx * stride_pb + tokens64 * stride_ps, mask=token_mask, other=0)
+            pos = pos.to(tl.int64)
+    return pos
+
+
+@triton.jit
+def rope_cos_sin(pos, turns_ptr, ROTARY_HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, CONJUGATE: tl.constexpr):
+    """float32 cos and sin, (len(pos), BLOCK_HALF), of the angles of int64 ``pos``; sin negated when CONJUGATE."""
+    pairs = tl.arange(0, BLOCK_HALF)
+    turns_per_pos = tl.load(turns_ptr + pairs, mask=pairs < ROTARY_HALF, other=0.0)
+    turns = pos.to(tl.float64)[:, None] * turns_per_pos[None, :]
+    turns = turns - turns.to(tl.int64).to(tl.float64)
+    angle = (turns * _TWO_PI_HI + turns * _TWO_PI_LO).to(tl.float32)
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    if CONJUGATE:
+        sin = -sin
+    return cos, sin
+
+
+_TURNS_CACHE = {}
+
+
+def turns_table(inv_freq, base, scaling_factor, rotary_dim, device):
+    """Float64 ``inv_freq / (2π · scaling_factor)``, (rotary_dim // 2,); cached per device for the ``base`` form."""
+    if inv_freq is not None:
+        return inv_freq.to(device=device, dtype=torch.float64) / (2.0 * math.pi * scaling_factor)
+    key = (float(base), int(rotary_dim), float(scaling_factor), str(device))
+    table = _TURNS_CACHE.get(key)
+    if table is None:
+        table = rope_inv_freq(base, rotary_dim, device=device) / (2.0 * math.pi * scaling_factor)
+        _TURNS_CACHE[key] = table
+    return table
+
+
+def position_pointer_and_strides(spec, placeholder):
+    """(tensor, stride per batch row or sequence, stride per token) for a resolved :class:`PositionSpec`.
+
+    ``placeholder`` is any tensor on the device, passed where the kernel reads no positions.
+    """
+    if spec.mode == POSITIONS_ARANGE:
+        return placeholder, 0, 0
+    if spec.mode == POSITIONS_OFFSETS:
+        return spec.ids, spec.ids.stride(0), 0
+    # One row of ids shared by every batch row reads with a batch stride of 0.
+    stride_pb = 0 if spec.ids.dim() == 1 or spec.ids.shape[0] == 1 else spec.ids.stride(0)
+    return spec.ids, stride_pb, spec.ids.stride(-1)
+
+
+def varlen_search(cu_seqlens):
+    """(n_seqs, binary-search depth) for packed input; the depth is rounded up to a multiple of 4 so few kernel
+    variants get compiled (extra steps are no-ops)."""
+    if cu_seqlens is None:
+        return 1, 0
+    n_seqs = cu_seqlens.shape[0] - 1
+    return n_seqs, 4 * triton.cdiv(max(1, n_seqs).bit_length(), 4)
