@@ -7,10 +7,10 @@ The rotation of pair ``j`` at position ``m`` uses ``(m / scaling_factor) * inv_f
 65536 rad, whose float32 ulp is 0.004 rad, a relative output error of ~3e-4. Instead the host folds
 ``1 / (2π · scaling_factor)`` into a float64 table (:func:`turns_table`), so the kernel gets the angle in *turns*:
 ``t = m · inv_freq[j] / (2π s)`` in float64 (one multiply, exact to 1e-16 relative), drops the whole turns
-(``t - trunc(t)``, exact), and multiplies the fraction by 2π split into a float32-exact high part and a low part,
-still in float64. The reduced angle, in (-2π, 2π), is rounded to float32 once and fed to float32 sin/cos, so the
-result matches the float64 reference to ~1e-7 at any position below 2**52. The float64 work is a handful of
-operations per (token, pair), amortized over every head a program rotates.
+(``t - trunc(t)``, exact, then into [-1/2, 1/2]), and multiplies the fraction by 2π split into a float32-exact high
+part and a low part, still in float64. The reduced angle, in [-π, π], is rounded to float32 once and fed to float32
+sin/cos, so the result matches the float64 reference to ~1e-7 at any position below 2**52. The float64 work is a
+handful of operations per (token, pair), amortized over every head a program rotates.
 """
 
 import math
@@ -76,6 +76,8 @@ def rope_cos_sin(pos, turns_ptr, ROTARY_HALF: tl.constexpr, BLOCK_HALF: tl.const
     turns_per_pos = tl.load(turns_ptr + pairs, mask=pairs < ROTARY_HALF, other=0.0)
     turns = pos.to(tl.float64)[:, None] * turns_per_pos[None, :]
     turns = turns - turns.to(tl.int64).to(tl.float64)
+    # Into [-1/2, 1/2] turns, i.e. [-π, π], where hardware sin/cos approximations are most accurate.
+    turns = tl.where(turns > 0.5, turns - 1.0, tl.where(turns < -0.5, turns + 1.0, turns))
     angle = (turns * _TWO_PI_HI + turns * _TWO_PI_LO).to(tl.float32)
     cos = tl.cos(angle)
     sin = tl.sin(angle)
