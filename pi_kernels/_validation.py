@@ -8,6 +8,7 @@ latency-critical code; they are skipped automatically while a CUDA stream is bei
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ _TO_BSHD = {"bshd": (0, 1, 2, 3), "bhsd": (0, 2, 1, 3), "sbhd": (1, 0, 2, 3)}
 POSITIONS_ARANGE, POSITIONS_OFFSETS, POSITIONS_IDS = 0, 1, 2
 
 _value_checks = {"enabled": True}
+# (weakref to the positions tensor last checked, its version): a tensor reused by every layer is checked once.
+_last_checked_positions = {}
 
 
 def set_value_checks(enabled):
@@ -175,12 +178,31 @@ def resolve_varlen_positions(positions, cu_seqlens, max_seqlen, total, device):
     return PositionSpec(POSITIONS_OFFSETS, positions, 0)
 
 
+def _version_of(tensor):
+    try:
+        return tensor._version
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
+
+
+def _checked_before(tensor):
+    """True if this very tensor object passed the positions check and has not been modified since.
+
+    Models pass one ``position_ids`` tensor to every layer; remembering it turns one sync per layer into one per step.
+    """
+    last = _last_checked_positions.get("entry")
+    return last is not None and last[0]() is tensor and last[1] is not None and last[1] == _version_of(tensor)
+
+
+
 def check_values(positions, cu_seqlens, max_seqlen, total_tokens):
     """The synchronizing checks on values; called from custom-op implementations on real tensors."""
-    if positions is not None and positions.numel() and value_checks_enabled(positions.device):
+    if positions is not None and positions.numel() and value_checks_enabled(positions.device) \
+            and not _checked_before(positions):
         minimum = int(positions.min())
         if minimum < 0:
             raise ValueError(f"positions must be ≥ 0, got a minimum of {minimum}")
+        _last_checked_positions["entry"] = (weakref.ref(positions), _version_of(positions))
     if cu_seqlens is None or not value_checks_enabled(cu_seqlens.device):
         return
     cu = cu_seqlens.to(device="cpu", dtype=torch.int64)

@@ -367,3 +367,13 @@ def test_device_mismatch_is_rejected(device):
         pi_kernels.rotary_interp(q, torch.randn(2, 8, 1, 64))
     with pytest.raises(ValueError, match="positions is on"):
         pi_kernels.rotary_interp(q, torch.randn(2, 8, 1, 64, device=device), torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_positions_modified_in_place_are_checked_again(device):
+    """The positions check is remembered per tensor object, and forgotten when the tensor is modified."""
+    q, k = make_qk("bshd", device, torch.float32)
+    positions = torch.arange(33, device=device).expand(2, 33).clone()
+    pi_kernels.rotary_interp(q, k, positions)
+    positions[1, 5] = -7
+    with pytest.raises(ValueError, match="minimum of -7"):
+        pi_kernels.rotary_interp(q, k, positions)
