@@ -10,8 +10,10 @@ set_value_checks
 
 from . import reference, scaling
 from ._validation import set_value_checks
+from .ops.qkv_proj import QKVProjRotary, qkv_proj_rotary
 from .ops.rotary import RotaryInterp, rotary_interp
 from .scaling import extend_context
 
-__all__ = ["RotaryInterp", "extend_context", "reference", "rotary_interp", "scaling", "set_value_checks"]
+__all__ = ["QKVProjRotary", "RotaryInterp", "extend_context", "qkv_proj_rotary", "reference", "rotary_interp",
+           "scaling", "set_value_checks"]
 __version__ = "0.1.0"

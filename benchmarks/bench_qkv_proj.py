@@ -1,0 +1,452 @@
+"""Benchmark the fused QKV projection with interpolated RoPE, ``pi_kernels.qkv_proj_rotary``, against bare GEMMs.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_qkv_proj               # full sweep on a GPU, results under benchmarks/results/
+    python -m benchmarks.bench_qkv_proj --quick       # two sizes; without a GPU: the interpreter check
+    python -m benchmarks.bench_qkv_proj --families gqa --tokens 8192 --modes fwd,bwd
+
+Providers, all on the same x (batch 1, ``tokens`` rows), fused weight and random upstream gradients:
+
+* ``pi_kernels``: ``qkv_proj_rotary`` (Triton GEMM, rotation in its epilogue; backward: rotation pass + GEMMs).
+* ``matmul``: ``F.linear(x, weight)`` alone, unrotated: the bare cuBLAS GEMM (fwd) and the bare dgrad + wgrad GEMMs
+  (bwd) that the targets are measured against. Not the same function, so it has no parity.
+* ``matmul+rotary_interp``: ``F.linear`` then ``pi_kernels.rotary_interp`` on the q/k views of its output.
+* ``matmul+eager``: ``F.linear`` then the plain-PyTorch reference rotation (float64 angles) in the input dtype.
+
+Every provider that computes the op is first checked against the float64 reference (outputs for fwd, x and weight
+gradients for bwd); a cell whose parity fails is reported and not timed. Modes: ``fwd`` (inputs without grad),
+``bwd`` (forward once untimed, then the backward of q, k and v with ``retain_graph``), ``fwd+bwd``. TFLOP/s counts
+the GEMM work only: 2·M·N·K per forward, 4·M·N·K per backward. Targets (GPU, pi_kernels): forward ≤ 3% slower
+than ``matmul``'s forward, backward ≤ 5% slower than its backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    from benchmarks import harness
+except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
+    import harness
+
+OP = "qkv_proj_rotary"
+SCALING_FACTOR = 4.0
+BASE = 10000.0
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("fwd", "bwd", "fwd+bwd")
+# Relative-norm error against float64: a few units of the dtype's rounding for a correct op (K-long fp32
+# accumulations included), far below the O(1) error of a wrong rotation, split or scaling.
+PARITY_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+TARGET = {"fwd": 1.03, "bwd": 1.05}  # pi_kernels time / matmul time, at most
+NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model's projection shape, swept over token counts."""
+
+    name: str
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    tokens: tuple[int, ...]
+    quick_tokens: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+
+_GPU_TOKENS = (2048, 4096, 8192, 16384, 32768)
+GPU_FAMILIES = (
+    Family("llama7b", 4096, 32, 32, 128, _GPU_TOKENS, (4096, 16384)),
+    Family("gqa", 4096, 32, 8, 128, _GPU_TOKENS, (4096, 16384)),
+)
+# Tiny shapes for the interpreter: head_dim 64 with a K tail, and head_dim 80 with an odd token count.
+CPU_FAMILIES = (
+    Family("tiny-d64", 96, 2, 1, 64, (32,), (32,)),
+    Family("tiny-d80", 160, 2, 1, 80, (37,), (37,)),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Timing parameters passed to :func:`benchmarks.harness.measure`."""
+
+    warmup_ms: float
+    rep_ms: float
+    min_reps: int = 3
+
+
+GPU_BUDGET = Budget(25.0, 100.0)
+GPU_QUICK_BUDGET = Budget(10.0, 40.0)
+CPU_BUDGET = Budget(0.0, 0.0, 2)
+
+Outputs = Sequence[torch.Tensor]
+FwdFn = Callable[[torch.Tensor, torch.Tensor], Outputs]
+
+
+def _heads(family: Family) -> dict[str, int]:
+    return {"num_heads": family.n_heads, "num_kv_heads": family.n_kv_heads, "head_dim": family.head_dim}
+
+
+def _split(family: Family, projected: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v as (batch, seq, heads, head_dim) views of the unfused projection's output."""
+    sizes = [family.n_heads * family.head_dim] + [family.n_kv_heads * family.head_dim] * 2
+    return [part.unflatten(-1, (-1, family.head_dim)) for part in projected.split(sizes, dim=-1)]
+
+
+def _build_pi_kernels(family: Family) -> FwdFn:
+    from pi_kernels import qkv_proj_rotary
+
+    return lambda x, weight: qkv_proj_rotary(x, weight, **_heads(family), scaling_factor=SCALING_FACTOR, base=BASE)
+
+
+def _build_matmul(family: Family) -> FwdFn:
+    return lambda x, weight: (torch.nn.functional.linear(x, weight),)
+
+
+def _build_matmul_rotary_interp(family: Family) -> FwdFn:
+    from pi_kernels import rotary_interp
+
+    def fwd(x: torch.Tensor, weight: torch.Tensor) -> Outputs:
+        q, k, v = _split(family, torch.nn.functional.linear(x, weight))
+        return (*rotary_interp(q, k, scaling_factor=SCALING_FACTOR, base=BASE), v)
+
+    return fwd
+
+
+def _build_matmul_eager(family: Family) -> FwdFn:
+    from pi_kernels.reference import rotary_interp_reference
+
+    def fwd(x: torch.Tensor, weight: torch.Tensor) -> Outputs:
+        q, k, v = _split(family, torch.nn.functional.linear(x, weight))
+        return (*rotary_interp_reference(q, k, scaling_factor=SCALING_FACTOR, base=BASE), v)
+
+    return fwd
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable[[Family], FwdFn]
+    same_op: bool  # computes q, k, v (parity checked); False for the bare GEMM baseline
+    note: str
+
+
+PROVIDERS = {
+    p.name: p
+    for p in (
+        Provider("pi_kernels", _build_pi_kernels, True, "Triton GEMM + RoPE epilogue; bwd: rotation pass + GEMMs"),
+        Provider("matmul", _build_matmul, False, "F.linear only (no RoPE): the bare GEMMs of the targets"),
+        Provider("matmul+rotary_interp", _build_matmul_rotary_interp, True, "F.linear, then rotary_interp on views"),
+        Provider("matmul+eager", _build_matmul_eager, True, "F.linear, then the eager reference rotation"),
+    )
+}
+
+
+def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
+        return items
+
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from exc
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"positive integers expected, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    families = [f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_qkv_proj", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="GPU: two sizes, shorter timing (CPU is always quick)")
+    parser.add_argument(
+        "--out", metavar="DIR", help="results root (default: benchmarks/results on a GPU; nothing written on CPU)"
+    )
+    parser.add_argument("--providers", type=_csv(list(PROVIDERS)), help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="subset of " + ",".join(MODES))
+    parser.add_argument("--dtypes", type=_csv(list(DTYPES)), default=["bf16"], help="subset of bf16,fp16")
+    parser.add_argument("--families", type=_csv(families), help="shape families (default: all for the device)")
+    parser.add_argument("--tokens", type=_ints, help="token counts replacing each family's sweep, e.g. 4096,32768")
+    return parser.parse_args(argv)
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; inf when out is not finite."""
+    out = out.detach().double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm())
+
+
+@dataclass
+class Reference:
+    """Float64 outputs and x/weight gradients of one problem, shared by every provider's parity check."""
+
+    outputs: list[torch.Tensor]
+    grad_x: torch.Tensor
+    grad_weight: torch.Tensor
+
+
+def reference(family: Family, x: torch.Tensor, weight: torch.Tensor, upstream: Outputs) -> Reference:
+    from pi_kernels.reference import qkv_proj_rotary_reference
+
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    outs = qkv_proj_rotary_reference(x64, w64, **_heads(family), scaling_factor=SCALING_FACTOR, base=BASE)
+    torch.autograd.backward(outs, [g.double() for g in upstream])
+    return Reference([o.detach() for o in outs], x64.grad, w64.grad)
+
+
+def parity(fwd: FwdFn, x: torch.Tensor, weight: torch.Tensor, upstream: Outputs, ref: Reference) -> dict[str, float]:
+    """Largest relative error of the outputs ("fwd") and of the x and weight gradients ("bwd")."""
+    x_in, w_in = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    outs = fwd(x_in, w_in)
+    fwd_error = max(_rel_error(out, r) for out, r in zip(outs, ref.outputs, strict=True))
+    torch.autograd.backward(outs, list(upstream))
+    bwd_error = max(_rel_error(x_in.grad, ref.grad_x), _rel_error(w_in.grad, ref.grad_weight))
+    return {"fwd": fwd_error, "bwd": bwd_error, "fwd+bwd": max(fwd_error, bwd_error)}
+
+
+def timed_call(
+    fwd: FwdFn, x: torch.Tensor, weight: torch.Tensor, upstream: Outputs, mode: str
+) -> tuple[Callable[[], Any], list[torch.Tensor] | None]:
+    """The callable to time for ``mode`` and the tensors whose grads are reset between repetitions."""
+    if mode == "fwd":
+        return (lambda: fwd(x, weight)), None
+    x_in, w_in = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    if mode == "bwd":
+        outs = fwd(x_in, w_in)
+        return (lambda: torch.autograd.backward(outs, list(upstream), retain_graph=True)), [x_in, w_in]
+    return (lambda: torch.autograd.backward(fwd(x_in, w_in), list(upstream))), [x_in, w_in]
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _row(family: Family, provider: Provider, mode: str, dtype_name: str, n_tokens: int, ceiling: float | None):
+    flops = 2 * n_tokens * family.rows * family.hidden * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    return {
+        "op": OP, "provider": provider.name, "mode": mode, "dtype": dtype_name, "family": family.name,
+        "batch": 1, "tokens": n_tokens, "hidden": family.hidden, "n_heads": family.n_heads,
+        "n_kv_heads": family.n_kv_heads, "head_dim": family.head_dim, "scaling_factor": SCALING_FACTOR,
+        "flops": flops, "median_ms": None, "p20_ms": None, "p80_ms": None, "tflops": None,
+        "ceiling_tflops": ceiling, "vs_matmul": None, "target": None, "parity": None, "status": "ok",
+        "note": provider.note,
+    }
+
+
+def run_group(
+    family: Family,
+    tokens: Sequence[int],
+    dtype_name: str,
+    modes: Sequence[str],
+    providers: Sequence[Provider],
+    *,
+    device: torch.device,
+    budget: Budget,
+    ceiling_tflops: float | None,
+    on_gpu: bool,
+) -> list[dict[str, Any]]:
+    """Check and time every (tokens, mode, provider) cell of one family and dtype; return the rows."""
+    dtype = DTYPES[dtype_name]
+    rows: list[dict[str, Any]] = []
+    for n_tokens in tokens:
+        gen = torch.Generator(device=device).manual_seed(n_tokens)
+        x = torch.randn(1, n_tokens, family.hidden, device=device, dtype=dtype, generator=gen)
+        weight = (torch.randn(family.rows, family.hidden, device=device, generator=gen) / math.sqrt(family.hidden))
+        weight = weight.to(dtype)
+        upstream = [
+            torch.randn(1, n_tokens, heads, family.head_dim, device=device, dtype=dtype, generator=gen)
+            for heads in (family.n_heads, family.n_kv_heads, family.n_kv_heads)
+        ]
+        projected_grad = torch.cat([g.flatten(-2) for g in upstream], dim=-1)  # the baseline's upstream gradient
+        ref = reference(family, x, weight, upstream) if any(p.same_op for p in providers) else None
+        for p in providers:
+            grads = upstream if p.same_op else [projected_grad]
+            cells = {mode: _row(family, p, mode, dtype_name, n_tokens, ceiling_tflops) for mode in modes}
+            try:
+                fwd = p.build(family)
+                errors = parity(fwd, x, weight, grads, ref) if p.same_op else None
+            except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
+                for row in cells.values():
+                    row.update(status="error", note=_short(exc))
+                rows.extend(cells.values())
+                _free(device)
+                continue
+            for mode, row in cells.items():
+                if errors is not None:
+                    row["parity"] = errors[mode]
+                    if not errors[mode] <= PARITY_TOL[dtype]:
+                        row.update(status="parity-fail", note=f"parity {errors[mode]:.2e} > {PARITY_TOL[dtype]:.0e}")
+                        continue
+                fn, reset = timed_call(fwd, x, weight, grads, mode)
+                timing = harness.measure(
+                    fn, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms, grad_to_none=reset, min_reps=budget.min_reps
+                )
+                del fn, reset
+                row.update(
+                    median_ms=timing.median_ms,
+                    p20_ms=timing.p20_ms,
+                    p80_ms=timing.p80_ms,
+                    tflops=row["flops"] / (timing.median_ms * 1e-3) / 1e12,
+                )
+            rows.extend(cells.values())
+        _fill_ratios([r for r in rows if r["tokens"] == n_tokens], on_gpu)
+        del x, weight, upstream, projected_grad, ref
+        _free(device)
+    return rows
+
+
+def _fill_ratios(rows: list[dict[str, Any]], on_gpu: bool) -> None:
+    """Each timed row's time over the bare GEMM's time in the same mode; pi_kernels' target verdict on a GPU."""
+    baseline = {r["mode"]: r["median_ms"] for r in rows if r["provider"] == "matmul" and r["median_ms"]}
+    for row in rows:
+        if row["median_ms"] is None or row["mode"] not in baseline:
+            continue
+        row["vs_matmul"] = row["median_ms"] / baseline[row["mode"]]
+        if on_gpu and row["provider"] == "pi_kernels" and row["mode"] in TARGET:
+            row["target"] = "ok" if row["vs_matmul"] <= TARGET[row["mode"]] else "MISS"
+
+
+TABLE_COLUMNS = (
+    ("family", "family"),
+    ("tokens", "tokens", "d"),
+    ("dtype", "dtype"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+    ("median_ms", "median ms", ".4f"),
+    ("p20_ms", "p20", ".4f"),
+    ("p80_ms", "p80", ".4f"),
+    ("tflops", "TFLOP/s", ".1f"),
+    ("vs_matmul", "/matmul", ".3f"),
+    ("target", "target"),
+    ("parity", "parity", ".1e"),
+    ("status", "status"),
+)
+SUMMARY_COLUMNS = (
+    ("family", "family"),
+    ("tokens", "tokens", "d"),
+    ("dtype", "dtype"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+    ("median_ms", "median ms", ".3f"),
+    ("tflops", "TFLOP/s", ".0f"),
+    ("vs_matmul", "time / bare GEMM", ".3f"),
+    ("target", "target"),
+)
+
+
+def _write_outputs(out_root: str, env: dict[str, str], rows: list[dict[str, Any]], args: argparse.Namespace,
+                   ceiling: float | None, seconds: float) -> None:
+    folder = harness.results_dir(env, out_root)
+    csv_path = harness.append_results(folder / "qkv_proj.csv", rows, env)
+    stamp = env["date"].replace("-", "").replace(":", "").replace("+0000", "Z")
+    miss_fields = ("family", "tokens", "dtype", "mode", "vs_matmul")
+    misses = [{k: r[k] for k in miss_fields} for r in rows if r["target"] == "MISS"]
+    harness.write_json(
+        folder / f"qkv_proj-{stamp}.json",
+        {"environment": env, "args": vars(args), "matmul_bf16_tflops": ceiling, "seconds": seconds,
+         "rows": len(rows), "pi_kernels_target_misses": misses},
+    )
+    # Plot and summary cover the latest measurement of every cell in the CSV, so split runs add up.
+    latest = harness.latest_rows(harness.read_results(csv_path), ("family", "mode", "dtype", "tokens", "provider"))
+    png = harness.plot_bandwidth(latest, folder / "qkv_proj.png", y_col="tflops", ceiling_col="ceiling_tflops",
+                                 title=f"{OP} - {env['device']}")
+    largest = {}
+    for row in latest:
+        key = (row["family"], row["dtype"])
+        largest[key] = max(largest.get(key, 0), int(row["tokens"]))
+    summary_rows = [r for r in latest if int(r["tokens"]) == largest[(r["family"], r["dtype"])]]
+    summary = harness.format_table(summary_rows, SUMMARY_COLUMNS, markdown=True)
+    (folder / "qkv_proj-summary.md").write_text(summary + "\n")
+    print(f"\nwrote {csv_path}, {png} and {folder / 'qkv_proj-summary.md'}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; return 1 if pi_kernels failed parity or raised, else 0."""
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available() and not harness.interpreter_mode()
+    if not on_gpu:
+        print(NO_GPU_LINE, flush=True)
+        # Must be set before pi_kernels defines its kernels (its first import happens in a provider's build).
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    budget = (GPU_QUICK_BUDGET if args.quick else GPU_BUDGET) if on_gpu else CPU_BUDGET
+    available = GPU_FAMILIES if on_gpu else CPU_FAMILIES
+    families = [f for f in available if not args.families or f.name in args.families]
+    if not families:
+        raise SystemExit(f"no shape family of this device matches --families (here: "
+                         f"{', '.join(f.name for f in available)})")
+    providers = [PROVIDERS[name] for name in (args.providers or list(PROVIDERS))]
+
+    env = harness.environment()
+    started = time.perf_counter()
+    print(f"{OP} benchmark on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"python {env['python']} | commit {env['commit'] or '-'}", flush=True)
+    ceiling = harness.matmul_tflops(device) if on_gpu else None
+    if ceiling is not None:
+        print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s (8192^3)", flush=True)
+    print(f"scaling_factor {SCALING_FACTOR}, base {BASE}, rotate-half, batch 1, fused weight; providers: "
+          f"{', '.join(p.name for p in providers)}", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for dtype_name in args.dtypes:
+        for family in families:
+            tokens = args.tokens or (family.quick_tokens if args.quick else family.tokens)
+            group = run_group(family, tokens, dtype_name, args.modes, providers, device=device, budget=budget,
+                              ceiling_tflops=ceiling, on_gpu=on_gpu)
+            rows.extend(group)
+            print(f"\n{family.name} (hidden {family.hidden}, heads {family.n_heads}/{family.n_kv_heads}, "
+                  f"head_dim {family.head_dim}), {dtype_name}:", flush=True)
+            print(harness.format_table(group, TABLE_COLUMNS), flush=True)
+            for row in group:
+                if row["status"] != "ok":
+                    print(f"  {row['provider']} {row['mode']} at {row['tokens']}: {row['status']}: {row['note']}",
+                          flush=True)
+    for p in providers:
+        print(f"  {p.name}: {p.note}", flush=True)
+    if on_gpu:
+        misses = [r for r in rows if r["target"] == "MISS"]
+        print(f"pi_kernels targets (fwd ≤ {TARGET['fwd']:.2f}x, bwd ≤ {TARGET['bwd']:.2f}x the bare GEMMs): "
+              f"{'met in every cell' if not misses else f'missed in {len(misses)} cell(s)'}", flush=True)
+    failed = [r for r in rows if r["provider"] == "pi_kernels" and r["status"] != "ok"]
+
+    out_root = args.out or (harness.RESULTS_ROOT if on_gpu else None)
+    if out_root is not None and rows:
+        _write_outputs(out_root, env, rows, args, ceiling, time.perf_counter() - started)
+    print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
