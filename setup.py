@@ -1,10 +1,49 @@
 """Build script for pi_kernels.
 
-The Triton package installs everywhere. The CUDA extension (``pi_kernels._C``) is added only when a CUDA build of
-torch and ``nvcc`` are present and ``PI_KERNELS_SKIP_CUDA_BUILD`` is unset; the build never touches git or the network.
+The Triton package installs everywhere. The CUDA extension (``pi_kernels._C``, sources in ``csrc/``) is added only
+when a CUDA build of torch and ``nvcc`` are present and ``PI_KERNELS_SKIP_CUDA_BUILD`` is unset; the build never
+touches git or the network. Install with ``pip install -e . --no-build-isolation`` so this script sees the
+installed torch (under pip's build isolation it sees none and installs the Triton package alone).
+
+``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``"8.0;9.0"``: A100 and H100); ``MAX_JOBS`` caps the
+parallel compile jobs (ninja builds, which torch uses when ninja is installed).
 """
 
+import os
+
 from setuptools import find_packages, setup
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass, why it is skipped or None) for the CUDA extension."""
+    if os.environ.get("PI_KERNELS_SKIP_CUDA_BUILD"):
+        return [], {}, "PI_KERNELS_SKIP_CUDA_BUILD is set"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}, "torch is not importable (build isolation? use --no-build-isolation)"
+    if torch.version.cuda is None:
+        return [], {}, f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return [], {}, "nvcc not found (set CUDA_HOME)"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    root = os.path.dirname(os.path.abspath(__file__))
+    extension = CUDAExtension(
+        name="pi_kernels._C",
+        sources=["csrc/bindings.cpp", "csrc/kernels.cu"],
+        include_dirs=[os.path.join(root, "csrc", "include")],
+        # No --use_fast_math: the kernels need the accurate sinf/cosf (csrc/include/rope_math.cuh).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return [extension], {"build_ext": BuildExtension}, None
+
+
+ext_modules, cmdclass, skipped = cuda_extension()
+if skipped:
+    print(f"pi_kernels: building without the CUDA extension ({skipped}); the Triton kernels need none")
 
 setup(
     name="pi_kernels",
@@ -13,4 +52,6 @@ setup(
     packages=find_packages(include=["pi_kernels", "pi_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.bench_rotary                 # full sweep on a GPU, results under benchmarks/results/
     python -m benchmarks.bench_rotary --quick         # fewer sizes; without a GPU: the interpreter check
     python benchmarks/bench_rotary.py --providers pi_kernels,liger --modes fwd --dtypes bf16
+    python -m benchmarks.bench_rotary --cache-append     # rotary + KV-cache append: fused vs rope then copy
 
 Every (shape, dtype, mode, provider) cell is first checked against the float64 reference, then timed; a cell
 whose parity fails is reported and not timed. Method, what each provider gets and the expectations written
@@ -116,7 +117,13 @@ def _angles(seq: int, head_dim: int, device: torch.device) -> torch.Tensor:
 def _build_pi_kernels(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdFn:
     from pi_kernels import rotary_interp
 
-    return lambda q, k: rotary_interp(q, k, scaling_factor=SCALING_FACTOR, base=BASE)
+    return lambda q, k: rotary_interp(q, k, scaling_factor=SCALING_FACTOR, base=BASE, backend="triton")
+
+
+def _build_pi_kernels_cuda(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdFn:
+    from pi_kernels import rotary_interp
+
+    return lambda q, k: rotary_interp(q, k, scaling_factor=SCALING_FACTOR, base=BASE, backend="cuda")
 
 
 def _build_eager(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdFn:
@@ -180,6 +187,15 @@ PROVIDERS = {
     for p in (
         Provider("pi_kernels", None, "pi_kernels", _build_pi_kernels, True, "Triton; angles in-kernel from positions"),
         Provider(
+            "pi_kernels_cuda",
+            "pi_kernels._C",
+            "pi_kernels",
+            _build_pi_kernels_cuda,
+            True,
+            "CUDA extension (csrc/); angles in-kernel from positions",
+            needs_cuda=True,
+        ),
+        Provider(
             "eager", None, "torch", _build_eager, True, "pi_kernels.reference in eager PyTorch; fp64 angles per call"
         ),
         Provider(
@@ -216,6 +232,7 @@ PROVIDERS = {
     )
 }
 CPU_DEFAULT_PROVIDERS = ("pi_kernels", "eager")
+OWN_PROVIDERS = ("pi_kernels", "pi_kernels_cuda")  # held to the bandwidth target; a failure fails the run
 CPU_COMPILED_SKIP = "not run on CPU by default: inductor's C++ compile takes 30-60 s here (ask with --providers)"
 
 
@@ -253,6 +270,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", type=_csv(list(DTYPES)), help="subset of bf16,fp16,fp32 (default bf16,fp32)")
     parser.add_argument("--families", type=_csv(families), help="shape families (default: all for the device)")
     parser.add_argument("--tokens", type=_ints, help="token counts replacing each family's sweep, e.g. 4096,65536")
+    parser.add_argument(
+        "--cache-append",
+        action="store_true",
+        help="instead of the rotary sweep: rotary + KV-cache append, fused vs rotary then a copy into the cache",
+    )
     return parser.parse_args(argv)
 
 
@@ -399,7 +421,7 @@ def _check_and_time(
         gbs=gbs,
         frac_ceiling=gbs / ceiling_gbs,
     )
-    if on_gpu and row["provider"] == "pi_kernels" and row["elements"] >= TARGET_MIN_ELEMENTS:
+    if on_gpu and row["provider"] in OWN_PROVIDERS and row["elements"] >= TARGET_MIN_ELEMENTS:
         row["target"] = "ok" if gbs / ceiling_gbs >= TARGET_FRACTION else "MISS"
     return True
 
@@ -529,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         available = ", ".join(f.name for f in (GPU_FAMILIES if on_gpu else CPU_FAMILIES))
         raise SystemExit(f"no shape family of this device matches --families (here: {available})")
     dtypes = args.dtypes or ["bf16", "fp32"]
+    if args.cache_append:
+        return run_cache_append(args, device, on_gpu, budget, dtypes)
     providers, skips = _resolve_providers(args, on_gpu)
 
     env = harness.environment()
@@ -590,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'met in every cell' if not misses else f'missed in {len(misses)} cell(s)'}",
             flush=True,
         )
-    failed = [r for r in rows if r["provider"] == "pi_kernels" and r["status"] in ("error", "parity-fail")]
+    failed = [r for r in rows if r["provider"] in OWN_PROVIDERS and r["status"] in ("error", "parity-fail")]
 
     out_root = args.out or (harness.RESULTS_ROOT if on_gpu else None)
     if out_root is not None and rows:
@@ -635,6 +659,239 @@ def _write_outputs(
     summary = harness.readme_table(csv_path)
     (folder / "rotary-summary.md").write_text(summary + "\n")
     print(f"\nwrote {csv_path}, {png} and {folder / 'rotary-summary.md'}:\n{summary}", flush=True)
+
+
+@dataclass(frozen=True)
+class CacheCase:
+    """A KV-cache append: ``batch`` rows of ``new`` tokens into caches of ``max_len`` per row (paged: in blocks)."""
+
+    name: str
+    batch: int
+    new: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_len: int
+    paged: bool
+
+
+CACHE_APPEND_OP = "rotary_kv_cache_append"
+CACHE_BLOCK_SIZE = 16
+GPU_CACHE_CASES = (
+    CacheCase("decode", 64, 1, 32, 8, 128, 4096, False),
+    CacheCase("decode-paged", 64, 1, 32, 8, 128, 4096, True),
+    CacheCase("prefill", 1, 4096, 32, 8, 128, 8192, False),
+    CacheCase("prefill-paged", 1, 4096, 32, 8, 128, 8192, True),
+)
+CPU_CACHE_CASES = (
+    CacheCase("tiny-decode", 4, 1, 4, 2, 64, 64, False),
+    CacheCase("tiny-prefill-paged", 1, 37, 4, 2, 64, 64, True),
+)
+CACHE_COLUMNS = (
+    ("family", "case"),
+    ("tokens", "tokens", "d"),
+    ("dtype", "dtype"),
+    ("provider", "provider"),
+    ("median_ms", "median ms", ".4f"),
+    ("p20_ms", "p20", ".4f"),
+    ("p80_ms", "p80", ".4f"),
+    ("gbs", "GB/s", ".1f"),
+    ("frac_ceiling", "/copy", ".2f"),
+    ("target", "fused<sep"),
+    ("parity", "parity", ".1e"),
+    ("status", "status"),
+)
+
+
+def _cache_inputs(case: CacheCase, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """New tokens, zeroed caches and where each token goes (cache_seqlens, or slots and positions when paged)."""
+    gen = torch.Generator(device=device).manual_seed(case.batch * case.new)
+    lead = (case.batch * case.new,) if case.paged else (case.batch, case.new)
+    tensors = {
+        name: torch.randn(*lead, heads, case.head_dim, device=device, dtype=dtype, generator=gen)
+        for name, heads in (("q", case.n_heads), ("k", case.n_kv_heads), ("v", case.n_kv_heads))
+    }
+    seqlens = torch.randint(0, case.max_len - case.new + 1, (case.batch,), device=device, generator=gen)
+    if case.paged:
+        # Each row owns max_len / block_size blocks, scattered over the cache as an allocator leaves them.
+        blocks_per_row = case.max_len // CACHE_BLOCK_SIZE
+        n_blocks = case.batch * blocks_per_row
+        block_table = torch.randperm(n_blocks, device=device, generator=gen).view(case.batch, blocks_per_row)
+        index = seqlens[:, None] + torch.arange(case.new, device=device)  # (batch, new) cache index per token
+        rows = torch.arange(case.batch, device=device)[:, None].expand_as(index)
+        slots = block_table[rows, index // CACHE_BLOCK_SIZE] * CACHE_BLOCK_SIZE + index % CACHE_BLOCK_SIZE
+        shape = (n_blocks, CACHE_BLOCK_SIZE, case.n_kv_heads, case.head_dim)
+        tensors.update(slot_mapping=slots.flatten(), positions=index.flatten())
+    else:
+        shape = (case.batch, case.max_len, case.n_kv_heads, case.head_dim)
+        tensors["cache_seqlens"] = seqlens
+    tensors.update(
+        k_cache=torch.zeros(shape, device=device, dtype=dtype), v_cache=torch.zeros(shape, device=device, dtype=dtype)
+    )
+    return tensors
+
+
+def _cache_providers(case: CacheCase, t: dict[str, torch.Tensor], backends: Sequence[str]) -> dict[str, Callable]:
+    """Per backend: the fused op, and rotary_interp followed by index copies of k and v into the cache."""
+    from pi_kernels import rotary_interp, rotary_kv_cache_append, rotary_paged_kv_cache_append
+
+    options = {"scaling_factor": SCALING_FACTOR, "base": BASE}
+    providers: dict[str, Callable] = {}
+    for backend in backends:
+        if case.paged:
+            k_flat, v_flat = t["k_cache"].flatten(0, 1), t["v_cache"].flatten(0, 1)
+
+            def fused(backend=backend):
+                return rotary_paged_kv_cache_append(
+                    t["q"],
+                    t["k"],
+                    t["v"],
+                    t["k_cache"],
+                    t["v_cache"],
+                    t["slot_mapping"],
+                    t["positions"],
+                    backend=backend,
+                    **options,
+                )
+
+            def separate(backend=backend, k_flat=k_flat, v_flat=v_flat):
+                q_out, k_out = rotary_interp(
+                    t["q"][None], t["k"][None], t["positions"][None], backend=backend, **options
+                )
+                k_flat[t["slot_mapping"]] = k_out[0]
+                v_flat[t["slot_mapping"]] = t["v"]
+                return q_out[0]
+        else:
+            index = t["cache_seqlens"][:, None] + torch.arange(case.new, device=t["q"].device)
+            rows = torch.arange(case.batch, device=index.device)[:, None].expand_as(index)
+
+            def fused(backend=backend):
+                return rotary_kv_cache_append(
+                    t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], t["cache_seqlens"], backend=backend, **options
+                )
+
+            def separate(backend=backend, index=index, rows=rows):
+                q_out, k_out = rotary_interp(t["q"], t["k"], t["cache_seqlens"], backend=backend, **options)
+                t["k_cache"][rows, index] = k_out
+                t["v_cache"][rows, index] = t["v"]
+                return q_out
+
+        providers[f"fused-{backend}"] = fused
+        providers[f"separate-{backend}"] = separate
+    return providers
+
+
+def _cache_parity(case: CacheCase, t: dict[str, torch.Tensor], fn: Callable) -> float:
+    """Largest relative error of q_out and the caches against the float64 reference (caches zeroed first)."""
+    from pi_kernels.reference import rotary_kv_cache_append_reference, rotary_paged_kv_cache_append_reference
+
+    t["k_cache"].zero_()
+    t["v_cache"].zero_()
+    q_out = fn()
+    new = [t[name].double() for name in ("q", "k", "v")]
+    caches = [torch.zeros_like(t["k_cache"], dtype=torch.float64) for _ in range(2)]
+    options = {"scaling_factor": SCALING_FACTOR, "base": BASE}
+    if case.paged:
+        ref = rotary_paged_kv_cache_append_reference(*new, *caches, t["slot_mapping"], t["positions"], **options)
+    else:
+        ref = rotary_kv_cache_append_reference(*new, *caches, t["cache_seqlens"], **options)
+    return max(
+        _rel_error(out, expected) for out, expected in zip((q_out, t["k_cache"], t["v_cache"]), ref, strict=True)
+    )
+
+
+def run_cache_append(
+    args: argparse.Namespace, device: torch.device, on_gpu: bool, budget: Budget, dtypes: Sequence[str]
+) -> int:
+    """Fused rotary + KV-cache append against rotary then index copies, per backend; return 1 if a fused op fails.
+
+    Bytes: q, k and v read once, q_out and the new k and v slots written once (positions and indices not counted).
+    """
+    from pi_kernels import _cuda
+
+    backends = ["triton"] + (["cuda"] if on_gpu and _cuda.available() else [])
+    env = harness.environment()
+    started = time.perf_counter()
+    print(f"{CACHE_APPEND_OP} benchmark on {env['device']} | backends: {', '.join(backends)}", flush=True)
+    ceiling = harness.copy_bandwidth_gbs(device, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms)
+    print(f"copy ceiling: {ceiling:.1f} GB/s ({'device-to-device copy' if on_gpu else 'CPU memcpy, NOT a GPU figure'})")
+    rows: list[dict[str, Any]] = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for case in GPU_CACHE_CASES if on_gpu else CPU_CACHE_CASES:
+            t = _cache_inputs(case, dtype, device)
+            moved = 2 * sum(t[name].numel() for name in ("q", "k", "v")) * dtype.itemsize
+            group = []
+            for name, fn in _cache_providers(case, t, backends).items():
+                row = {
+                    "op": CACHE_APPEND_OP,
+                    "provider": name,
+                    "mode": "fwd",
+                    "dtype": dtype_name,
+                    "family": case.name,
+                    "batch": case.batch,
+                    "tokens": case.batch * case.new,
+                    "seq": case.new,
+                    "n_heads": case.n_heads,
+                    "n_kv_heads": case.n_kv_heads,
+                    "head_dim": case.head_dim,
+                    "max_len": case.max_len,
+                    "paged": case.paged,
+                    "scaling_factor": SCALING_FACTOR,
+                    "bytes": moved,
+                    "median_ms": None,
+                    "p20_ms": None,
+                    "p80_ms": None,
+                    "gbs": None,
+                    "ceiling_gbs": ceiling,
+                    "frac_ceiling": None,
+                    "target": None,
+                    "parity": None,
+                    "parity_tol": PARITY_TOL[dtype],
+                    "status": "ok",
+                    "note": "",
+                }
+                try:
+                    row["parity"] = _cache_parity(case, t, fn)
+                    if not row["parity"] <= row["parity_tol"]:
+                        row.update(status="parity-fail", note="not timed")
+                    else:
+                        timing = harness.measure(
+                            fn, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms, min_reps=budget.min_reps
+                        )
+                        gbs = moved / (timing.median_ms * 1e-3) / 1e9
+                        row.update(
+                            median_ms=timing.median_ms,
+                            p20_ms=timing.p20_ms,
+                            p80_ms=timing.p80_ms,
+                            gbs=gbs,
+                            frac_ceiling=gbs / ceiling,
+                        )
+                except Exception as exc:  # noqa: BLE001 - reported as a result, like the rotary sweep
+                    row.update(status="error", note=_short(exc))
+                group.append(row)
+            timed = {r["provider"]: r["median_ms"] for r in group if r["median_ms"] is not None}
+            for row in group:
+                other = row["provider"].replace("fused-", "separate-")
+                if on_gpu and row["provider"].startswith("fused-") and other in timed and row["median_ms"]:
+                    row["target"] = "ok" if row["median_ms"] < timed[other] else "MISS"
+            rows.extend(group)
+            print(
+                f"\n{case.name} (batch {case.batch}, {case.new} new, heads {case.n_heads}/{case.n_kv_heads}, "
+                f"head_dim {case.head_dim}, max_len {case.max_len}), {dtype_name}:",
+                flush=True,
+            )
+            print(harness.format_table(group, CACHE_COLUMNS), flush=True)
+            for row in group:
+                if row["status"] != "ok":
+                    print(f"  {row['provider']}: {row['status']}: {row['note']}", flush=True)
+    out_root = args.out or (harness.RESULTS_ROOT if on_gpu else None)
+    if out_root is not None and rows:
+        csv_path = harness.append_results(harness.results_dir(env, out_root) / f"{CACHE_APPEND_OP}.csv", rows, env)
+        print(f"\nwrote {csv_path}", flush=True)
+    print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
+    failed = [r for r in rows if r["provider"].startswith("fused-") and r["status"] in ("error", "parity-fail")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

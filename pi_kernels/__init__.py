@@ -3,17 +3,22 @@
 Public API
 ----------
 rotary_interp, RotaryInterp
-    Interpolated RoPE on q and k in one Triton launch, forward and backward.
+    Interpolated RoPE on q and k in one launch (Triton, or the CUDA extension when built), forward and backward.
+rotary_kv_cache_append, rotary_paged_kv_cache_append, inference
+    Inference: rotary fused with the KV-cache append (contiguous or paged cache); vLLM's in-place rotary
+    convention in :mod:`pi_kernels.inference`.
 set_value_checks
     Switch off the synchronizing checks on tensor values (positions ≥ 0, ``cu_seqlens``).
 """
 
-from . import reference, scaling
+from . import inference, reference, scaling
 from ._validation import set_value_checks
+from .inference import rotary_kv_cache_append, rotary_paged_kv_cache_append
 from .ops.qkv_proj import QKVProjRotary, qkv_proj_rotary
 from .ops.rotary import RotaryInterp, rotary_interp
 from .scaling import extend_context
 
-__all__ = ["QKVProjRotary", "RotaryInterp", "extend_context", "qkv_proj_rotary", "reference", "rotary_interp",
-           "scaling", "set_value_checks"]
+__all__ = ["QKVProjRotary", "RotaryInterp", "extend_context", "inference",
+           "qkv_proj_rotary", "reference",
+           "rotary_interp", "rotary_kv_cache_append", "rotary_paged_kv_cache_append", "scaling", "set_value_checks"]
 __version__ = "0.1.0"

@@ -8,10 +8,13 @@ The angle computation (float64 turns, exact range reduction, float32 sin/cos) li
 rationale; it matches the float64 reference to ~1e-7 at positions up to 2**52.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from .. import _cuda
 from .. import _validation as v
 from ._rope import position_pointer_and_strides, rope_cos_sin, token_positions, turns_table, varlen_search
 
@@ -27,42 +30,44 @@ def _rotate_heads(
     head_start, n_heads,
     cos, sin,                               # (BLOCK_T, BLOCK_HALF) float32
     ROTARY_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
     INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr,
 ):
-    heads = head_start + tl.arange(0, BLOCK_H)
+    # Heads are a loop over 2-D (token, pair) tiles rather than a third tile dimension: cos/sin then share the
+    # layout of the data, so the compiler neither converts layouts nor recomputes the angles once per head.
     pairs = tl.arange(0, BLOCK_HALF)
     # int64 before multiplying by strides: a tensor may hold more than 2**31 elements.
     tokens64 = tokens.to(tl.int64)
-    heads64 = heads.to(tl.int64)
-    row_in = batch_idx * stride_b + tokens64 * stride_s
-    row_out = batch_idx * ostride_b + tokens64 * ostride_s
-    base_in = row_in[:, None, None] + heads64[None, :, None] * stride_h
-    base_out = row_out[:, None, None] + heads64[None, :, None] * ostride_h
+    row_in = (batch_idx * stride_b + tokens64 * stride_s)[:, None]
+    row_out = (batch_idx * ostride_b + tokens64 * ostride_s)[:, None]
     if INTERLEAVED:
         dim1 = 2 * pairs
         dim2 = 2 * pairs + 1
     else:
         dim1 = pairs
         dim2 = pairs + ROTARY_HALF
-    dim1 = dim1.to(tl.int64)[None, None, :]
-    dim2 = dim2.to(tl.int64)[None, None, :]
-    mask = token_mask[:, None, None] & (heads < n_heads)[None, :, None] & (pairs < ROTARY_HALF)[None, None, :]
-    x1 = tl.load(x_ptr + base_in + dim1 * stride_d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + base_in + dim2 * stride_d, mask=mask, other=0.0).to(tl.float32)
-    cos3 = cos[:, None, :]
-    sin3 = sin[:, None, :]
-    out1 = x1 * cos3 - x2 * sin3
-    out2 = x1 * sin3 + x2 * cos3
-    tl.store(out_ptr + base_out + dim1 * ostride_d, out1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + base_out + dim2 * ostride_d, out2.to(out_ptr.dtype.element_ty), mask=mask)
+    dim1_in = dim1.to(tl.int64)[None, :] * stride_d
+    dim2_in = dim2.to(tl.int64)[None, :] * stride_d
+    dim1_out = dim1.to(tl.int64)[None, :] * ostride_d
+    dim2_out = dim2.to(tl.int64)[None, :] * ostride_d
+    pair_mask = token_mask[:, None] & (pairs < ROTARY_HALF)[None, :]
     if COPY_TAIL:
-        # Features past rotary_dim pass through unchanged (only needed when not writing in place).
-        tail = 2 * ROTARY_HALF + tl.arange(0, BLOCK_TAIL)
-        tail_mask = token_mask[:, None, None] & (heads < n_heads)[None, :, None] & (tail < HEAD_DIM)[None, None, :]
-        tail64 = tail.to(tl.int64)[None, None, :]
-        rest = tl.load(x_ptr + base_in + tail64 * stride_d, mask=tail_mask)
-        tl.store(out_ptr + base_out + tail64 * ostride_d, rest, mask=tail_mask)
+        tail = (2 * ROTARY_HALF + tl.arange(0, BLOCK_TAIL)).to(tl.int64)
+        tail_mask = token_mask[:, None] & (tail < HEAD_DIM)[None, :]
+    for i in tl.static_range(HEADS):
+        head = (head_start + i).to(tl.int64)
+        in_range = head < n_heads
+        x_head = x_ptr + row_in + head * stride_h
+        out_head = out_ptr + row_out + head * ostride_h
+        mask = pair_mask & in_range
+        x1 = tl.load(x_head + dim1_in, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_head + dim2_in, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_head + dim1_out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_head + dim2_out, (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty), mask=mask)
+        if COPY_TAIL:
+            # Features past rotary_dim pass through unchanged (only needed when not writing in place).
+            rest = tl.load(x_head + tail[None, :] * stride_d, mask=tail_mask & in_range)
+            tl.store(out_head + tail[None, :] * ostride_d, rest, mask=tail_mask & in_range)
 
 
 @triton.jit
@@ -80,12 +85,12 @@ def _rotary_kernel(
     stride_kob, stride_kos, stride_koh, stride_kod,
     stride_pb, stride_ps,       # positions strides: (batch row or sequence, token)
     ROTARY_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr, HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
     COPY_TAIL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    # Grid: (batch · token blocks, q head groups + k head groups). One program rotates BLOCK_T tokens × BLOCK_H
-    # heads of q or of k, computing the angles for its tokens once.
+    # Grid: (batch · token blocks, q head groups + k head groups). One program rotates BLOCK_T tokens × HEADS heads
+    # of q or of k, computing the angles of its tokens once.
     pid = tl.program_id(0)
     group = tl.program_id(1)
     batch_idx = (pid // n_token_blocks).to(tl.int64)
@@ -99,13 +104,21 @@ def _rotary_kernel(
     if group < n_q_groups:
         _rotate_heads(q_ptr, q_out_ptr, stride_qb, stride_qs, stride_qh, stride_qd,
                       stride_qob, stride_qos, stride_qoh, stride_qod,
-                      batch_idx, tokens, token_mask, group * BLOCK_H, n_q_heads, cos, sin,
-                      ROTARY_HALF, HEAD_DIM, BLOCK_H, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
+                      batch_idx, tokens, token_mask, group * HEADS, n_q_heads, cos, sin,
+                      ROTARY_HALF, HEAD_DIM, HEADS, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
     else:
         _rotate_heads(k_ptr, k_out_ptr, stride_kb, stride_ks, stride_kh, stride_kd,
                       stride_kob, stride_kos, stride_koh, stride_kod,
-                      batch_idx, tokens, token_mask, (group - n_q_groups) * BLOCK_H, n_k_heads, cos, sin,
-                      ROTARY_HALF, HEAD_DIM, BLOCK_H, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
+                      batch_idx, tokens, token_mask, (group - n_q_groups) * HEADS, n_k_heads, cos, sin,
+                      ROTARY_HALF, HEAD_DIM, HEADS, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
+
+
+@functools.cache
+def _min_programs(device):
+    """Programs needed to fill the device: 8 per SM on a GPU; 1 under the interpreter, where each costs time."""
+    if device.type != "cuda":
+        return 1
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
@@ -116,14 +129,18 @@ def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interle
         return
     rotary_half = rotary_dim // 2
     block_half = triton.next_power_of_2(rotary_half)
-    block_h = min(triton.next_power_of_2(max(1, min(n_q_heads, n_k_heads))), 16)
-    # About 8k rotated elements per program: enough bytes in flight per SM without spilling registers.
-    block_t = max(1, min(8192 // (block_h * 2 * block_half), triton.next_power_of_2(seq_len)))
+    # A (token, pair) tile of ~1k elements per half: one 16-byte vector per thread and load at 4 warps. Up to 8 heads
+    # per program share its angles; fewer when that leaves too few programs to fill the GPU.
+    block_t = max(1, min(1024 // block_half, triton.next_power_of_2(seq_len)))
+    n_token_blocks = triton.cdiv(seq_len, block_t)
+    heads = min(8, max(1, min(n_q_heads, n_k_heads)))
+    min_programs = _min_programs(q4.device)
+    while heads > 1 and batch * n_token_blocks * triton.cdiv(n_q_heads + n_k_heads, heads) < min_programs:
+        heads //= 2
     copy_tail = rotary_dim < head_dim and q_out4.data_ptr() != q4.data_ptr()
     block_tail = triton.next_power_of_2(head_dim - rotary_dim) if copy_tail else 1
-    n_token_blocks = triton.cdiv(seq_len, block_t)
-    n_q_groups = triton.cdiv(n_q_heads, block_h)
-    n_groups = n_q_groups + triton.cdiv(n_k_heads, block_h)
+    n_q_groups = triton.cdiv(n_q_heads, heads)
+    n_groups = n_q_groups + triton.cdiv(n_k_heads, heads)
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, turns)
     n_seqs, search_steps = varlen_search(cu_seqlens)
     grid = (batch * n_token_blocks, n_groups)
@@ -132,7 +149,7 @@ def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interle
         spec.offset, seq_len, n_token_blocks, n_seqs,
         n_q_heads, n_k_heads, n_q_groups,
         *q4.stride(), *k4.stride(), *q_out4.stride(), *k_out4.stride(), stride_pb, stride_ps,
-        ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, HEADS=heads, BLOCK_HALF=block_half,
         BLOCK_TAIL=block_tail, POS_MODE=spec.mode, IS_VARLEN=cu_seqlens is not None, INTERLEAVED=interleaved,
         CONJUGATE=conjugate, COPY_TAIL=copy_tail, SEARCH_STEPS=search_steps,
         num_warps=4,
@@ -140,24 +157,25 @@ def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interle
 
 
 def _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-         scaling_factor, rotary_dim, interleaved, layout, conjugate):
-    """Shared body of the two custom ops: value checks, then one launch for q and k."""
+         scaling_factor, rotary_dim, interleaved, layout, conjugate, backend):
+    """Shared body of the two custom ops: value checks, then one launch for q and k (Triton or CUDA)."""
     q4, k4 = v.to_bshd(q, layout), v.to_bshd(k, layout)
     v.check_values(positions, cu_seqlens, max_seqlen, q4.shape[1])
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
     spec = v.PositionSpec(position_mode, positions, position_offset)
-    _launch(q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns, rotary_dim,
-            interleaved, conjugate)
+    launch = _cuda.rotary if backend == "cuda" else _launch
+    launch(q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns, rotary_dim,
+           interleaved, conjugate)
 
 
 @torch.library.custom_op("pi_kernels::rotary_interp", mutates_args=())
 def _rotary_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, position_mode: int,
                position_offset: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
                inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
-               interleaved: bool, layout: str, conjugate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               interleaved: bool, layout: str, conjugate: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-         scaling_factor, rotary_dim, interleaved, layout, conjugate)
+         scaling_factor, rotary_dim, interleaved, layout, conjugate, backend)
     return q_out, k_out
 
 
@@ -170,9 +188,9 @@ def _rotary_op_fake(q, k, *args):
 def _rotary_inplace_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, position_mode: int,
                        position_offset: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
                        inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
-                       interleaved: bool, layout: str, conjugate: bool) -> None:
+                       interleaved: bool, layout: str, conjugate: bool, backend: str) -> None:
     _run(q, k, q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-         scaling_factor, rotary_dim, interleaved, layout, conjugate)
+         scaling_factor, rotary_dim, interleaved, layout, conjugate, backend)
 
 
 @_rotary_inplace_op.register_fake
@@ -181,13 +199,14 @@ def _rotary_inplace_op_fake(q, k, *args):
 
 
 def rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-                   scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate):
+                   scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate, backend="triton"):
     """Rotate q and k (by -angle when ``conjugate``) with validated arguments; returns (q_out, k_out).
 
-    ``positions``/``position_mode``/``position_offset`` are a resolved position form (see ``_validation``).
+    ``positions``/``position_mode``/``position_offset`` are a resolved position form (see ``_validation``);
+    ``backend`` is a resolved one, "triton" or "cuda" (see ``_cuda.resolve_backend``).
     """
     args = (positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, float(base),
-            float(scaling_factor), rotary_dim, interleaved, layout, conjugate)
+            float(scaling_factor), rotary_dim, interleaved, layout, conjugate, backend)
     if inplace:
         torch.ops.pi_kernels.rotary_interp_(q, k, *args)
         return q, k
@@ -199,31 +218,32 @@ class RotaryInterpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-                scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate):
+                scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate, backend):
         q_out, k_out = rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen,
                                       inv_freq, base, scaling_factor, rotary_dim, interleaved, layout, inplace,
-                                      conjugate)
+                                      conjugate, backend)
         if inplace:
             ctx.mark_dirty(q, k)
         ctx.save_for_backward(positions, cu_seqlens, inv_freq)
         ctx.options = (position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved,
-                       layout, conjugate)
+                       layout, conjugate, backend)
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         positions, cu_seqlens, inv_freq = ctx.saved_tensors
         position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved, layout, \
-            conjugate = ctx.options
+            conjugate, backend = ctx.options
         # Going through apply again keeps the backward itself differentiable (double backward).
         grad_q, grad_k = RotaryInterpFunction.apply(grad_q, grad_k, positions, position_mode, position_offset,
                                                     cu_seqlens, max_seqlen, inv_freq, base, scaling_factor,
-                                                    rotary_dim, interleaved, layout, False, not conjugate)
-        return grad_q, grad_k, *([None] * 13)
+                                                    rotary_dim, interleaved, layout, False, not conjugate,
+                                                    backend)
+        return grad_q, grad_k, *([None] * 14)
 
 
 def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv_freq=None, rotary_dim=None,
-                  interleaved=False, layout="bshd", inplace=False, cu_seqlens=None, max_seqlen=None):
+                  interleaved=False, layout="bshd", inplace=False, cu_seqlens=None, max_seqlen=None, backend="auto"):
     """Apply rotary position embedding with Position Interpolation to q and k, in one launch.
 
     The pair ``j`` of a head at position ``m`` is rotated by ``(m / scaling_factor) * inv_freq[j]``, with
@@ -260,6 +280,9 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
         (n_seqs + 1,) int32/int64 cumulative sequence lengths; required for ``"thd"`` and only valid with it.
     max_seqlen : int, optional
         Longest sequence of a ``"thd"`` batch (flash-attention's convention); when given it is checked.
+    backend : str
+        ``"auto"``: the compiled CUDA extension for GPU inputs when it is built, else Triton. ``"triton"`` or
+        ``"cuda"`` (an error that says how to build it when it is missing). Both give the same results.
 
     Returns
     -------
@@ -285,9 +308,10 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
         if cu_seqlens is not None or max_seqlen is not None:
             raise ValueError(f"cu_seqlens and max_seqlen are only valid with layout='thd', got layout={layout!r}")
         spec = v.resolve_positions(positions, q4.shape[0], q4.shape[1], q.device)
+    backend = _cuda.resolve_backend(backend, q.device)
     return RotaryInterpFunction.apply(q, k, spec.ids, spec.mode, spec.offset, cu_seqlens, max_seqlen, inv_freq,
                                       base, scaling_factor, rotary_dim, bool(interleaved), layout, bool(inplace),
-                                      False)
+                                      False, backend)
 
 
 class RotaryInterp(torch.nn.Module):

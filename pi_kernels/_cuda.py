@@ -1,0 +1,87 @@
+"""The compiled CUDA backend (``pi_kernels._C``): lazy loading, the backend choice, and thin callers of its ops.
+
+The extension is built by ``setup.py`` only where a CUDA build of torch and ``nvcc`` are present; everything works
+without it through the Triton kernels. Importing it registers the ``torch.ops.pi_kernels_cuda`` ops (see
+``csrc/bindings.cpp``); nothing here touches the GPU until a kernel is launched. The callers below take the same
+arguments as the Triton launchers they stand in for, so an op switches backends by picking a function.
+"""
+
+import importlib
+
+import torch
+
+from .ops._rope import position_pointer_and_strides
+
+__all__ = ["BACKENDS", "available", "kv_cache_append", "require", "resolve_backend", "rotary", "rotary_embedding"]
+
+BACKENDS = ("auto", "triton", "cuda")
+BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` on a machine with a CUDA build of torch and "
+              "nvcc (CUDA_HOME or /usr/local/cuda), with PI_KERNELS_SKIP_CUDA_BUILD unset")
+
+_extension = {}
+
+
+def _load():
+    if "module" not in _extension:
+        try:
+            _extension["module"] = importlib.import_module("pi_kernels._C")
+            _extension["error"] = None
+        except ImportError as err:  # absent, or built against another torch
+            _extension["module"] = None
+            _extension["error"] = str(err)
+    return _extension["module"]
+
+
+# Evaluated once while torch.compile traces, so choosing a backend never breaks a graph.
+@torch.compiler.assume_constant_result
+def available():
+    """True when the CUDA extension is built and loads."""
+    return _load() is not None
+
+
+def require():
+    """Raise a RuntimeError that says how to build the extension unless it is available."""
+    if not available():
+        raise RuntimeError(f"backend='cuda' asked for, but the CUDA extension pi_kernels._C is not available "
+                           f"({_extension['error']}); {BUILD_HINT}")
+
+
+def resolve_backend(backend, device):
+    """The backend that runs, ``"triton"`` or ``"cuda"``, for a requested one and the device of the inputs.
+
+    ``"auto"`` takes CUDA when the extension is loaded and the inputs are on a GPU, else Triton.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        return "triton"
+    if backend == "auto":
+        return "cuda" if device.type == "cuda" and available() else "triton"
+    require()
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs tensors on a CUDA device, got {device}")
+    return "cuda"
+
+
+def rotary(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
+    """The CUDA counterpart of ``ops.rotary._launch``: same (batch, seq, heads, dim) views and arguments."""
+    ids, stride_pb, stride_ps = position_pointer_and_strides(spec, None)
+    # The kernels, Triton's too, index cu_seqlens as a contiguous array.
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
+    torch.ops.pi_kernels_cuda.rotary(q4, k4, q_out4, k_out4, turns, ids, spec.mode, spec.offset, stride_pb,
+                                     stride_ps, cu_seqlens, rotary_dim, interleaved, conjugate)
+
+
+def rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim, interleaved):
+    """The CUDA counterpart of ``inference._launch_rotary_embedding`` (in place; key4 may have 0 heads)."""
+    torch.ops.pi_kernels_cuda.rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim,
+                                               interleaved)
+
+
+def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim,
+                    interleaved):
+    """The CUDA counterpart of ``inference._launch_cache_append``."""
+    ids, stride_pb, stride_ps = position_pointer_and_strides(spec, None)
+    torch.ops.pi_kernels_cuda.kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, turns, ids, spec.mode,
+                                              spec.offset, stride_pb, stride_ps, cache_index, paged, rotary_dim,
+                                              interleaved)
