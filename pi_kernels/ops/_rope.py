@@ -24,8 +24,8 @@ from ..scaling import rope_inv_freq
 
 # 2π = _TWO_PI_HI + _TWO_PI_LO with _TWO_PI_HI exact in float32, so the constants mean the same whether Triton
 # materializes them as float32 or float64.
-_TWO_PI_HI = 6.2831854820251465
-_TWO_PI_LO = -1.7484556025237907e-07
+_TWO_PI_HI = tl.constexpr(6.2831854820251465)
+_TWO_PI_LO = tl.constexpr(-1.7484556025237907e-07)
 
 
 @triton.jit
