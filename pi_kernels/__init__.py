@@ -7,6 +7,9 @@ rotary_interp, RotaryInterp
 rotary_kv_cache_append, rotary_paged_kv_cache_append, inference
     Inference: rotary fused with the KV-cache append (contiguous or paged cache); vLLM's in-place rotary
     convention in :mod:`pi_kernels.inference`.
+attention_rotary, AttentionRotary
+    Softmax attention of un-rotated q and k with interpolated RoPE applied in-kernel (Triton), forward, backward
+    and decode against a rotated KV cache.
 set_value_checks
     Switch off the synchronizing checks on tensor values (positions ≥ 0, ``cu_seqlens``).
 """
@@ -14,11 +17,12 @@ set_value_checks
 from . import inference, reference, scaling
 from ._validation import set_value_checks
 from .inference import rotary_kv_cache_append, rotary_paged_kv_cache_append
+from .ops.attention import AttentionRotary, attention_rotary
 from .ops.qkv_proj import QKVProjRotary, qkv_proj_rotary
 from .ops.rotary import RotaryInterp, rotary_interp
 from .scaling import extend_context
 
-__all__ = ["QKVProjRotary", "RotaryInterp", "extend_context", "inference",
+__all__ = ["AttentionRotary", "QKVProjRotary", "RotaryInterp", "attention_rotary", "extend_context", "inference",
            "qkv_proj_rotary", "reference",
            "rotary_interp", "rotary_kv_cache_append", "rotary_paged_kv_cache_append", "scaling", "set_value_checks"]
 __version__ = "0.1.0"

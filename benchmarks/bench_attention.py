@@ -1,0 +1,525 @@
+"""Benchmark fused RoPE attention, ``pi_kernels.attention_rotary``, against SDPA after a separate rotation.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_attention               # full sweep on a GPU, results under benchmarks/results/
+    python -m benchmarks.bench_attention --quick       # 2k and 16k tokens; without a GPU: the interpreter check
+    python -m benchmarks.bench_attention --families d128 --tokens 16384 --causal false --modes fwd,bwd
+
+Providers, all on the same un-rotated q, k, v (bshd, batch · seq = 16k tokens as in flash-attention's benchmarks,
+2048 / head_dim heads, MHA) and random upstream gradients:
+
+* ``pi_kernels``: ``attention_rotary``, the rotation applied to the tiles in registers.
+* ``pi_kernels-norope``: the same kernel with ``rotate_q=False, rotate_k=False``: its inputs stand for q and k
+  already rotated. The baseline of the RoPE-cost target; checked against plain (un-rotated) attention.
+* ``rotary_interp+pi_kernels-norope``: ``rotary_interp`` then the kernel without RoPE (the unfused alternative).
+* ``rotary_interp+sdpa-{flash,cudnn,efficient}``: ``rotary_interp``, then ``scaled_dot_product_attention``
+  restricted to one backend; ``eager+sdpa-*``: the same after the eager reference rotation (float64 angles).
+  Without a GPU only ``sdpa-math`` exists.
+
+Every cell is checked against the float64 reference before it is timed (forward: the last 256 queries of batch
+row 0, heads 0-1, at any size; backward: dq, dk, dv of those heads up to 2k tokens); a cell failing parity is
+reported and not timed. TFLOP/s counts 4 · batch · seq² · heads · head_dim per forward (half when causal), 2.5×
+that per backward, 3.5× for fwd+bwd. Peak memory is measured on one fwd+bwd call. Targets (GPU, pi_kernels):
+forward ≥ 470 and backward ≥ 320 TFLOP/s at head_dim 128, 16k, non-causal; time ≤ 1.05 × ``pi_kernels-norope``'s
+in every cell; fwd+bwd faster than the fastest ``rotary_interp+sdpa-*`` at every length ≥ 2k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    from benchmarks import harness
+except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
+    import harness
+
+OP = "attention_rotary"
+SCALING_FACTOR = 4.0
+BASE = 10000.0
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # backward: five GEMMs to the forward's two
+# Relative-norm error against float64: a few times an attention's own rounding in the dtype (eager bf16 attention
+# is ~5e-3 from float64, fp16 ~7e-4), far below the O(1) error of a wrong rotation, mask or scale.
+PARITY_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+PARITY_ROWS = 256            # forward parity: the last queries (they see the most keys), at any size
+PARITY_HEADS = 2
+PARITY_BWD_MAX_TOKENS = 2048  # backward parity needs every query: a float64 seq² reference, so only up to here
+TARGET_TFLOPS = {"fwd": 470.0, "bwd": 320.0}  # at head_dim 128, 16k tokens, non-causal
+TARGET_TFLOPS_AT = (128, 16384, False)
+TARGET_ROPE_COST = 1.05       # pi_kernels time / pi_kernels-norope time, at most
+TARGET_VS_SDPA_FROM = 2048    # fwd+bwd faster than the best rotary_interp+sdpa-* from this length on
+NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A head shape, swept over sequence lengths at a fixed number of tokens per batch."""
+
+    name: str
+    n_heads: int
+    head_dim: int
+    seqs: tuple[int, ...]
+    quick_seqs: tuple[int, ...]
+    tokens_per_batch: int
+
+    def batch(self, seq: int) -> int:
+        return max(1, self.tokens_per_batch // seq)
+
+
+_GPU_SEQS = (1024, 2048, 4096, 8192, 16384, 32768)
+GPU_FAMILIES = (
+    Family("d64", 32, 64, _GPU_SEQS, (2048, 16384), 16384),
+    Family("d128", 16, 128, _GPU_SEQS, (2048, 16384), 16384),
+)
+# The interpreter: one tiny shape, two key tiles long, so both the masked and the unmasked loops run.
+CPU_FAMILIES = (Family("tiny-d32", 2, 32, (64,), (64,), 64),)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Timing parameters passed to :func:`benchmarks.harness.measure`."""
+
+    warmup_ms: float
+    rep_ms: float
+    min_reps: int = 3
+
+
+GPU_BUDGET = Budget(25.0, 100.0)
+GPU_QUICK_BUDGET = Budget(10.0, 40.0)
+CPU_BUDGET = Budget(0.0, 0.0, 1)
+
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _sdpa(backend: str | None, causal: bool) -> AttnFn:
+    """SDPA on bshd tensors, restricted to ``backend`` (None: PyTorch's choice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backends[backend]):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def _build_pi_kernels(causal: bool) -> AttnFn:
+    from pi_kernels import attention_rotary
+
+    return lambda q, k, v: attention_rotary(q, k, v, scaling_factor=SCALING_FACTOR, base=BASE, causal=causal)
+
+
+def _build_norope(causal: bool) -> AttnFn:
+    from pi_kernels import attention_rotary
+
+    return lambda q, k, v: attention_rotary(q, k, v, causal=causal, rotate_q=False, rotate_k=False)
+
+
+def _build_rotary_interp_then(attend: AttnFn) -> AttnFn:
+    from pi_kernels import rotary_interp
+
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(*rotary_interp(q, k, scaling_factor=SCALING_FACTOR, base=BASE), v)
+
+    return fwd
+
+
+def _build_eager_then(attend: AttnFn) -> AttnFn:
+    from pi_kernels.reference import rotary_interp_reference
+
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(*rotary_interp_reference(q, k, scaling_factor=SCALING_FACTOR, base=BASE), v)
+
+    return fwd
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable[[bool], AttnFn]  # causal -> attention on un-rotated bshd q, k, v
+    rotates: bool                    # computes RoPE + attention (False: plain attention of its inputs)
+    note: str
+    needs_cuda: bool = False
+
+
+def _sdpa_providers(backend: str, needs_cuda: bool) -> list[Provider]:
+    return [
+        Provider(f"rotary_interp+sdpa-{backend}", lambda c: _build_rotary_interp_then(_sdpa(backend, c)), True,
+                 f"rotary_interp, then SDPA ({backend} backend only)", needs_cuda),
+        Provider(f"eager+sdpa-{backend}", lambda c: _build_eager_then(_sdpa(backend, c)), True,
+                 f"eager reference rotation, then SDPA ({backend} backend only)", needs_cuda),
+    ]
+
+
+PROVIDERS = {
+    p.name: p
+    for p in (
+        Provider("pi_kernels", _build_pi_kernels, True, "attention_rotary: RoPE on the tiles in registers"),
+        Provider("pi_kernels-norope", _build_norope, False, "the same kernel, rotate_q=rotate_k=False"),
+        Provider("rotary_interp+pi_kernels-norope", lambda c: _build_rotary_interp_then(_build_norope(c)), True,
+                 "rotary_interp, then the kernel without RoPE"),
+        *_sdpa_providers("flash", True),
+        *_sdpa_providers("cudnn", True),
+        *_sdpa_providers("efficient", True),
+        *_sdpa_providers("math", False),
+    )
+}
+GPU_DEFAULT_PROVIDERS = [name for name in PROVIDERS if not name.endswith("-math")]
+CPU_DEFAULT_PROVIDERS = ["pi_kernels", "pi_kernels-norope", "rotary_interp+pi_kernels-norope",
+                         "rotary_interp+sdpa-math", "eager+sdpa-math"]
+
+
+def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
+        return items
+
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from exc
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"positive integers expected, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    families = [f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="GPU: two lengths, shorter timing (CPU is always quick)")
+    parser.add_argument(
+        "--out", metavar="DIR", help="results root (default: benchmarks/results on a GPU; nothing written on CPU)"
+    )
+    parser.add_argument("--providers", type=_csv(list(PROVIDERS)), help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="subset of " + ",".join(MODES))
+    parser.add_argument("--dtypes", type=_csv(list(DTYPES)), default=["bf16"], help="subset of bf16,fp16")
+    parser.add_argument("--families", type=_csv(families), help="head shapes (default: all for the device)")
+    parser.add_argument("--tokens", type=_ints, help="sequence lengths replacing each family's sweep, e.g. 16384")
+    parser.add_argument("--causal", type=_csv(["true", "false"]), help="true,false on a GPU; true without one")
+    return parser.parse_args(argv)
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; inf when out is not finite."""
+    out = out.detach().double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm())
+
+
+def parity(fwd: AttnFn, provider: Provider, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           grad_out: torch.Tensor, causal: bool, modes: Sequence[str]) -> dict[str, float | None]:
+    """Relative errors per mode against the float64 reference (None: not checked at this size)."""
+    from pi_kernels.reference import attention_rotary_reference
+
+    options = dict(causal=causal, rotate_q=provider.rotates, rotate_k=provider.rotates)
+    if provider.rotates:
+        options.update(scaling_factor=SCALING_FACTOR, base=BASE)
+    seq, rows = q.shape[1], min(PARITY_ROWS, q.shape[1])
+    check_bwd = any(mode != "fwd" for mode in modes) and seq <= PARITY_BWD_MAX_TOKENS
+    inputs = [x.detach().clone().requires_grad_(check_bwd) for x in (q, k, v)]
+    with torch.set_grad_enabled(check_bwd):
+        out = fwd(*inputs)
+    heads = slice(0, PARITY_HEADS)
+    # The last queries alone: bottom-right alignment and default positions make them the same rows.
+    last = [x[:1, -rows:, heads] if i == 0 else x[:1, :, heads] for i, x in enumerate((q, k, v))]
+    ref_out = attention_rotary_reference(*(x.double() for x in last), **options)
+    fwd_error = _rel_error(out[:1, -rows:, heads], ref_out)
+    bwd_error = None
+    if check_bwd:
+        out.backward(grad_out)
+        leaves = [x[:1, :, heads].double().requires_grad_() for x in (q, k, v)]
+        attention_rotary_reference(*leaves, **options).backward(grad_out[:1, :, heads].double())
+        bwd_error = max(_rel_error(x.grad[:1, :, heads], leaf.grad) for x, leaf in zip(inputs, leaves, strict=True))
+    both = None if bwd_error is None else max(fwd_error, bwd_error)
+    return {"fwd": fwd_error, "bwd": bwd_error, "fwd+bwd": both}
+
+
+def timed_call(fwd: AttnFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+               mode: str) -> tuple[Callable[[], Any], list[torch.Tensor] | None]:
+    """The callable to time for ``mode`` and the tensors whose grads are reset between repetitions.
+
+    ``fwd`` runs on inputs without grad (nothing saved for backward); ``bwd`` runs the forward once, untimed,
+    and times the backward with ``retain_graph``; ``fwd+bwd`` times both.
+    """
+    if mode == "fwd":
+        return (lambda: fwd(q, k, v)), None
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    if mode == "bwd":
+        out = fwd(*leaves)
+        return (lambda: out.backward(grad_out, retain_graph=True)), leaves
+    return (lambda: fwd(*leaves).backward(grad_out)), leaves
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory allocated by one call of ``fn`` above what was allocated before it, in MiB (GPU only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _row(family: Family, provider: Provider, mode: str, dtype_name: str, seq: int, causal: bool) -> dict[str, Any]:
+    batch = family.batch(seq)
+    flops = 4 * batch * seq * seq * family.n_heads * family.head_dim * (0.5 if causal else 1.0)
+    return {
+        "op": OP, "provider": provider.name, "mode": mode, "dtype": dtype_name, "family": family.name,
+        "causal": causal, "batch": batch, "tokens": seq, "n_heads": family.n_heads, "head_dim": family.head_dim,
+        "scaling_factor": SCALING_FACTOR, "flops": flops * FLOPS_PER_FORWARD[mode], "median_ms": None,
+        "p20_ms": None, "p80_ms": None, "tflops": None, "peak_mib": None, "rope_cost": None, "vs_best_sdpa": None,
+        "best_sdpa": None, "target": None, "parity": None, "status": "ok", "note": provider.note,
+    }
+
+
+def run_group(family: Family, seqs: Sequence[int], dtype_name: str, causal: bool, modes: Sequence[str],
+              providers: Sequence[Provider], *, device: torch.device, budget: Budget,
+              on_gpu: bool) -> list[dict[str, Any]]:
+    """Check and time every (length, mode, provider) cell of one family, dtype and mask; return the rows."""
+    dtype = DTYPES[dtype_name]
+    rows: list[dict[str, Any]] = []
+    # A provider that fails (unsupported backend, OOM) is retired for the longer lengths of the group.
+    retired: dict[str, str] = {}
+    for seq in seqs:
+        gen = torch.Generator(device=device).manual_seed(seq)
+        shape = (family.batch(seq), seq, family.n_heads, family.head_dim)
+        q, k, v, grad_out = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(4))
+        cells: list[dict[str, Any]] = []
+        for p in providers:
+            by_mode = {mode: _row(family, p, mode, dtype_name, seq, causal) for mode in modes}
+            cells.extend(by_mode.values())
+            if p.name in retired:
+                for row in by_mode.values():
+                    row.update(status="skipped", note=retired[p.name])
+                continue
+            try:
+                fwd = p.build(causal)
+                errors = parity(fwd, p, q, k, v, grad_out, causal, modes)
+            except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
+                for row in by_mode.values():
+                    row.update(status="error", note=_short(exc))
+                retired[p.name] = f"skipped after an error at {seq} tokens"
+                _free(device)
+                continue
+            for mode, row in by_mode.items():
+                row["parity"] = errors[mode]
+                if errors[mode] is None:
+                    row["note"] = f"{p.note}; backward parity checked up to {PARITY_BWD_MAX_TOKENS} tokens only"
+                elif not errors[mode] <= PARITY_TOL[dtype]:
+                    row.update(status="parity-fail", note=f"parity {errors[mode]:.2e} > {PARITY_TOL[dtype]:.0e}")
+                    continue
+                try:
+                    fn, reset = timed_call(fwd, q, k, v, grad_out, mode)
+                    timing = harness.measure(fn, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms,
+                                             grad_to_none=reset, min_reps=budget.min_reps)
+                    if mode == "fwd+bwd":
+                        row["peak_mib"] = peak_memory_mib(fn, device)
+                except Exception as exc:  # noqa: BLE001
+                    row.update(status="error", note=_short(exc))
+                    retired[p.name] = f"skipped after an error at {seq} tokens"
+                    _free(device)
+                    continue
+                del fn, reset
+                row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                           tflops=row["flops"] / (timing.median_ms * 1e-3) / 1e12)
+        _fill_comparisons(cells, on_gpu)
+        rows.extend(cells)
+        del q, k, v, grad_out
+        _free(device)
+    return rows
+
+
+def _fill_comparisons(cells: list[dict[str, Any]], on_gpu: bool) -> None:
+    """RoPE cost and speed against the best rotary_interp+sdpa-* for pi_kernels rows; target verdicts on a GPU."""
+    timed = {(r["provider"], r["mode"]): r["median_ms"] for r in cells if r["median_ms"] is not None}
+    for row in cells:
+        if row["provider"] != "pi_kernels" or row["median_ms"] is None:
+            continue
+        mode, misses = row["mode"], []
+        norope = timed.get(("pi_kernels-norope", mode))
+        if norope:
+            row["rope_cost"] = row["median_ms"] / norope
+            if row["rope_cost"] > TARGET_ROPE_COST:
+                misses.append(f"RoPE costs {row['rope_cost'] - 1:.0%}")
+        sdpa = {name: ms for (name, m), ms in timed.items() if m == mode and name.startswith("rotary_interp+sdpa-")}
+        if sdpa:
+            row["best_sdpa"] = min(sdpa, key=sdpa.get)
+            row["vs_best_sdpa"] = sdpa[row["best_sdpa"]] / row["median_ms"]
+            if mode == "fwd+bwd" and row["tokens"] >= TARGET_VS_SDPA_FROM and row["vs_best_sdpa"] < 1.0:
+                misses.append(f"slower than {row['best_sdpa']}")
+        if (row["head_dim"], row["tokens"], row["causal"]) == TARGET_TFLOPS_AT and mode in TARGET_TFLOPS \
+                and row["tflops"] < TARGET_TFLOPS[mode]:
+            misses.append(f"{row['tflops']:.0f} < {TARGET_TFLOPS[mode]:.0f} TFLOP/s")
+        if on_gpu:
+            row["target"] = "; ".join(misses) if misses else "ok"
+
+
+TABLE_COLUMNS = (
+    ("tokens", "seq", "d"),
+    ("batch", "batch", "d"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+    ("median_ms", "median ms", ".4f"),
+    ("p20_ms", "p20", ".4f"),
+    ("p80_ms", "p80", ".4f"),
+    ("tflops", "TFLOP/s", ".1f"),
+    ("peak_mib", "peak MiB", ".0f"),
+    ("rope_cost", "/norope", ".3f"),
+    ("vs_best_sdpa", "vs sdpa", ".2f"),
+    ("target", "target"),
+    ("parity", "parity", ".1e"),
+    ("status", "status"),
+)
+SUMMARY_COLUMNS = (
+    ("family", "family"),
+    ("causal", "causal"),
+    ("dtype", "dtype"),
+    ("tokens", "seq", "d"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+    ("tflops", "TFLOP/s", ".0f"),
+    ("peak_mib", "peak MiB", ".0f"),
+    ("rope_cost", "time / no-RoPE", ".3f"),
+    ("vs_best_sdpa", "best SDPA time / this", ".2f"),
+    ("target", "target"),
+)
+
+
+def memory_scaling(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pi_kernels' fwd+bwd peak memory per token at each length: flat when memory is linear in seq."""
+    points = [r for r in rows if r["provider"] == "pi_kernels" and r["mode"] == "fwd+bwd" and r["peak_mib"]]
+    return [{k: r[k] for k in ("family", "dtype", "causal", "tokens", "batch", "peak_mib")}
+            | {"kib_per_token": r["peak_mib"] * 1024 / (r["batch"] * r["tokens"])} for r in points]
+
+
+def _write_outputs(out_root: str, env: dict[str, str], rows: list[dict[str, Any]], args: argparse.Namespace,
+                   ceiling: float | None, seconds: float) -> None:
+    folder = harness.results_dir(env, out_root)
+    csv_path = harness.append_results(folder / "attention.csv", rows, env)
+    stamp = env["date"].replace("-", "").replace(":", "").replace("+0000", "Z")
+    misses = [{k: r[k] for k in ("family", "causal", "dtype", "tokens", "mode", "target")}
+              for r in rows if r["target"] not in (None, "ok")]
+    harness.write_json(
+        folder / f"attention-{stamp}.json",
+        {"environment": env, "args": vars(args), "matmul_bf16_tflops": ceiling, "seconds": seconds,
+         "rows": len(rows), "pi_kernels_target_misses": misses, "pi_kernels_memory": memory_scaling(rows)},
+    )
+    # Plot and summary cover the latest measurement of every cell in the CSV, so split runs add up.
+    key = ("family", "causal", "mode", "dtype", "tokens", "provider")
+    latest = harness.latest_rows(harness.read_results(csv_path), key)
+    png = harness.plot_bandwidth(latest, folder / "attention.png", y_col="tflops", ceiling_col="",
+                                 panel_cols=("mode", "dtype", "family", "causal"), title=f"{OP} - {env['device']}")
+    largest: dict[tuple[str, str, str], int] = {}
+    for row in latest:
+        group = (row["family"], row["dtype"], row["causal"])
+        largest[group] = max(largest.get(group, 0), int(row["tokens"]))
+    summary_rows = [r for r in latest if r["provider"] in ("pi_kernels", "pi_kernels-norope")
+                    and int(r["tokens"]) in (largest[(r["family"], r["dtype"], r["causal"])], 16384)]
+    summary = harness.format_table(summary_rows, SUMMARY_COLUMNS, markdown=True)
+    (folder / "attention-summary.md").write_text(summary + "\n")
+    print(f"\nwrote {csv_path}, {png} and {folder / 'attention-summary.md'}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; return 1 if pi_kernels failed parity or raised, else 0."""
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available() and not harness.interpreter_mode()
+    if not on_gpu:
+        print(NO_GPU_LINE, flush=True)
+        # Must be set before pi_kernels defines its kernels (its first import happens in a provider's build).
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    budget = (GPU_QUICK_BUDGET if args.quick else GPU_BUDGET) if on_gpu else CPU_BUDGET
+    available = GPU_FAMILIES if on_gpu else CPU_FAMILIES
+    families = [f for f in available if not args.families or f.name in args.families]
+    if not families:
+        raise SystemExit(f"no shape family of this device matches --families (here: "
+                         f"{', '.join(f.name for f in available)})")
+    names = args.providers or (GPU_DEFAULT_PROVIDERS if on_gpu else CPU_DEFAULT_PROVIDERS)
+    providers = [PROVIDERS[name] for name in names if on_gpu or not PROVIDERS[name].needs_cuda]
+    skipped = [name for name in names if not on_gpu and PROVIDERS[name].needs_cuda]
+    causal_values = [c == "true" for c in (args.causal or (["true", "false"] if on_gpu else ["true"]))]
+
+    env = harness.environment()
+    started = time.perf_counter()
+    print(f"{OP} benchmark on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"python {env['python']} | commit {env['commit'] or '-'}", flush=True)
+    ceiling = harness.matmul_tflops(device) if on_gpu else None
+    if ceiling is not None:
+        print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s (8192^3)", flush=True)
+    print(f"scaling_factor {SCALING_FACTOR}, base {BASE}, rotate-half, MHA, bshd; providers: "
+          f"{', '.join(p.name for p in providers)}" + (f"; needing a GPU: {', '.join(skipped)}" if skipped else ""),
+          flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for dtype_name in args.dtypes:
+        for family in families:
+            for causal in causal_values:
+                seqs = args.tokens or (family.quick_seqs if args.quick else family.seqs)
+                group = run_group(family, seqs, dtype_name, causal, args.modes, providers, device=device,
+                                  budget=budget, on_gpu=on_gpu)
+                rows.extend(group)
+                print(f"\n{family.name} (heads {family.n_heads}, head_dim {family.head_dim}, "
+                      f"{family.tokens_per_batch} tokens per batch), {dtype_name}, causal={causal}:", flush=True)
+                print(harness.format_table(group, TABLE_COLUMNS), flush=True)
+                for row in group:
+                    if row["status"] != "ok":
+                        print(f"  {row['provider']} {row['mode']} at {row['tokens']}: {row['status']}: "
+                              f"{row['note']}", flush=True)
+    for p in providers:
+        print(f"  {p.name}: {p.note}", flush=True)
+    for point in memory_scaling(rows):
+        print(f"  pi_kernels fwd+bwd peak at {point['family']} seq {point['tokens']} (batch {point['batch']}): "
+              f"{point['peak_mib']:.0f} MiB, {point['kib_per_token']:.1f} KiB per token", flush=True)
+    if on_gpu:
+        misses = [r for r in rows if r["target"] not in (None, "ok")]
+        print(f"pi_kernels targets: {'met in every cell' if not misses else f'missed in {len(misses)} cell(s)'}",
+              flush=True)
+    failed = [r for r in rows if r["provider"] == "pi_kernels" and r["status"] not in ("ok", "skipped")]
+
+    out_root = args.out or (harness.RESULTS_ROOT if on_gpu else None)
+    if out_root is not None and rows:
+        _write_outputs(out_root, env, rows, args, ceiling, time.perf_counter() - started)
+    print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
