@@ -64,7 +64,8 @@ def resolve_backend(backend, device):
 
 
 def rotary(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
-    """The CUDA counterpart of ``ops.rotary._launch``: same (batch, seq, heads, dim) views and arguments."""
+    """The CUDA counterpart of ``ops.rotary.launch_rotary_kernel``: same (batch, seq, heads, dim) views and
+    arguments."""
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, None)
     # The kernels, Triton's too, index cu_seqlens as a contiguous array.
     cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()

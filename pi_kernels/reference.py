@@ -11,6 +11,8 @@ The rotary angle of pair ``j`` at position ``m`` is ``(m / scaling_factor) * inv
 import torch
 
 __all__ = [
+    "attention_rotary_reference",
+    "qkv_proj_rotary_reference",
     "rotary_angles",
     "rotary_embedding_reference",
     "rotary_interp_reference",

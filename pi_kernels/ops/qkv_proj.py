@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .. import _validation as v
 from ._rope import position_pointer_and_strides, rope_cos_sin, token_positions, turns_table, varlen_search
-from .rotary import _launch as rotary_launch
+from .rotary import launch_rotary_kernel
 
 __all__ = ["QKVProjRotary", "QKVProjRotaryFunction", "qkv_proj_backward", "qkv_proj_forward", "qkv_proj_rotary"]
 
@@ -314,8 +314,8 @@ def qkv_proj_backward(grads, x, weights, positions, position_mode, position_offs
              for part, part_rows in zip(grad_rows.split(rows, dim=1), rows, strict=True)]
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
     spec = v.PositionSpec(position_mode, positions, position_offset)
-    rotary_launch(_as_bshd(grads[0]), _as_bshd(grads[1]), parts[0], parts[1], spec, cu_seqlens, turns, rotary_dim,
-                  interleaved, True)
+    launch_rotary_kernel(_as_bshd(grads[0]), _as_bshd(grads[1]), parts[0], parts[1], spec, cu_seqlens, turns,
+                         rotary_dim, interleaved, True)
     if len(grads) == 3:
         parts[2].copy_(_as_bshd(grads[2]))
     # One block for a fused weight, one per weight otherwise (views of grad_rows, no copies).

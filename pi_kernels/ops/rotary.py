@@ -18,7 +18,7 @@ from .. import _cuda
 from .. import _validation as v
 from ._rope import position_pointer_and_strides, rope_cos_sin, token_positions, turns_table, varlen_search
 
-__all__ = ["RotaryInterp", "RotaryInterpFunction", "rotary_forward", "rotary_interp"]
+__all__ = ["RotaryInterp", "RotaryInterpFunction", "launch_rotary_kernel", "rotary_forward", "rotary_interp"]
 
 
 @triton.jit
@@ -121,7 +121,7 @@ def _min_programs(device):
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
+def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
     """Launch the kernel on (batch, seq, heads, dim) views; outputs may be the inputs (in place)."""
     batch, seq_len, n_q_heads, head_dim = q4.shape
     n_k_heads = k4.shape[2]
@@ -163,7 +163,7 @@ def _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqle
     v.check_values(positions, cu_seqlens, max_seqlen, q4.shape[1])
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
     spec = v.PositionSpec(position_mode, positions, position_offset)
-    launch = _cuda.rotary if backend == "cuda" else _launch
+    launch = _cuda.rotary if backend == "cuda" else launch_rotary_kernel
     launch(q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns, rotary_dim,
            interleaved, conjugate)
 
