@@ -633,6 +633,7 @@ def parse_args(argv=None):
     parser.add_argument("--base-steps", type=int)
     parser.add_argument("--finetune-steps", type=int)
     parser.add_argument("--passkey-trials", type=int)
+    parser.add_argument("--passkey-fraction", type=float, help="share of training sequences that are passkey documents")
     parser.add_argument("--seed", type=int)
     return parser.parse_args(argv)
 
@@ -645,7 +646,7 @@ def config_from_args(args):
         context = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True).max_position_embeddings
     overrides = {"context": context, "factors": tuple(args.factors) if args.factors else None,
                  "base_steps": args.base_steps, "finetune_steps": args.finetune_steps,
-                 "passkey_trials": args.passkey_trials, "seed": args.seed}
+                 "passkey_trials": args.passkey_trials, "passkey_fraction": args.passkey_fraction, "seed": args.seed}
     return dataclasses.replace(cfg, **{key: value for key, value in overrides.items() if value is not None})
 
 
