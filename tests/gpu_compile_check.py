@@ -27,13 +27,16 @@ Variants
 --------
 :data:`VARIANTS` run the public ops over the constexpr branches of every kernel: layouts, position forms,
 interleaved, partial rotary, in place, backward (conjugate), varlen, decode, rotate off, causal or not, bias,
-masked K loop, fp32/bf16/fp16, head_dim 64/80/128. By default (the CI set, ~3 minutes on 2 cores) the autotuned
+masked K loop, fp32/bf16/fp16, head_dim 64/80/128. By default (the CI set: ~2.5 minutes on 2 idle cores) the autotuned
 QKV kernel compiles all its configs for ``qkv bf16 d128`` and, for its other variants, the config its pruning picks
 for these small inputs (the one that runs below 1024 tokens); ``--full`` adds variants and compiles every config of
-every variant (a GPU autotunes over all of them from 1024 tokens on), ~30 minutes on 2 cores.
+every variant (a GPU autotunes over all of them from 1024 tokens on): ~20 CPU-minutes, ~10-15 minutes on 2 cores.
 
-Usage: ``python tests/gpu_compile_check.py [--arch 90 80] [--full] [--jobs N]``; exit status 1 on any failure.
-``tests/test_gpu_compile.py`` runs it in CI.
+Known today (triton 3.6.0): the CI set passes; ``--full`` fails on 16 fp32 configs of the QKV GEMM whose shared
+memory exceeds the limit (6 on sm_90, 10 on sm_80, ieee and tf32): tuning skips them, none is the small-input config.
+
+Usage: ``python tests/gpu_compile_check.py [--arch 90 80] [--full] [--only TEXT] [--jobs N]``; exit status 1 on
+any failure. ``tests/test_gpu_compile.py`` runs it in CI.
 """
 
 import os
@@ -51,6 +54,9 @@ import multiprocessing  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+
+# The checkout's pi_kernels, installed or not (the script's own directory is what Python puts on sys.path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -89,10 +95,10 @@ SPILLS_TODAY = {
     ("_attention_forward_kernel", "fp16"):        (0,     3096),
     ("_attention_forward_kernel", "fp32"):        (56,    5892),
     ("_attention_backward_dkdv_kernel", "bf16"):  (44,    1152),
-    ("_attention_backward_dkdv_kernel", "fp16"):  (12,    1152),
+    ("_attention_backward_dkdv_kernel", "fp16"):  (40,    1152),
     ("_attention_backward_dkdv_kernel", "fp32"):  (616,   14444),
     ("_attention_backward_dq_kernel", "bf16"):    (0,     2140),
-    ("_attention_backward_dq_kernel", "fp16"):    (0,     4452),
+    ("_attention_backward_dq_kernel", "fp16"):    (0,     4480),
     ("_attention_backward_dq_kernel", "fp32"):    (112,   6328),
     # The GEMM's BLOCK_M=128/256 configs at 4 warps (or 256 x 8) spill ~3 KB in 16 bits; fp32 without tf32 (torch's
     # default matmul precision) is an FMA loop that spills ~48 KB in its large-tile configs.
@@ -127,6 +133,7 @@ class Job:
     attrs: dict
     options: dict
     config: str                  # launch parameters shown in the report
+    autotuned: bool              # one config of an autotuned kernel
     variants: list = field(default_factory=list)
 
     @property
@@ -146,6 +153,7 @@ class Recorder:
         self.variant = None
         self.phase = "fwd"
         self.every_config = False
+        self.tuning = False          # inside Autotuner.run
         self._backends = {}
         self._binders = {}
 
@@ -175,7 +183,7 @@ class Recorder:
         job = self.jobs.get(key)
         if job is None:
             job = self.jobs[key] = Job(self.arch, fn.fn.__module__, fn.fn.__name__, signature, constexprs, attrs,
-                                       dict(options.__dict__), config)
+                                       dict(options.__dict__), config, self.tuning)
         label = f"{self.variant} [{self.phase}]"
         if label not in job.variants:
             job.variants.append(label)
@@ -195,9 +203,13 @@ class Recorder:
             tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
             kept = tuner.prune_configs(kwargs)
             assert kept and all(config in tuner.configs for config in kept), "pruning returned no or unknown configs"
-            for config in tuner.configs if recorder.every_config else kept:
-                tuner.fn.run(*args, **kwargs, **config.all_kwargs())
-            tuner.nargs = None
+            recorder.tuning = True
+            try:
+                for config in tuner.configs if recorder.every_config else kept:
+                    tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+            finally:
+                recorder.tuning = False
+                tuner.nargs = None
             return None
 
         JITFunction.run, Autotuner.run = run, autotune
@@ -537,8 +549,11 @@ def check(job, result):
         return [f"COMPILE FAILED: {where}\n{result['error']}"]
     failures = []
     if result["smem"] > SMEM_LIMITS[job.arch]:
+        consequence = "an autotune config that can never run: tuning skips it as OutOfResources, and a launch " \
+                      "that picks it (as the only config left) fails" if job.autotuned else \
+            "the launch raises OutOfResources"
         failures.append(f"SHARED MEMORY: {where}: {result['smem']} bytes > {SMEM_LIMITS[job.arch]} that one block "
-                        f"may use on sm_{job.arch} (the launch would raise OutOfResources)")
+                        f"may use on sm_{job.arch} ({consequence})")
     limit = spill_limit(job.name, job.dtype, job.arch)
     if result["spill_stores"] > limit:
         failures.append(f"SPILLS: {where}: {result['spill_stores']} bytes of spill stores > {limit} allowed for "
