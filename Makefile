@@ -1,12 +1,26 @@
 # The two commands of the README. `make test` is what CI runs (.ci/run).
 PYTHON ?= python
+# Where `make check-extension` keeps a CUDA build of torch (never the global python's: it would replace its torch).
+CUDA_VENV ?= /tmp/venv-cuda
+CUDA_TORCH ?= torch==2.14.1
 
-.PHONY: install bench test lint
+# A CUDA build of torch already installed (a GPU machine) is kept, and nothing is fetched there.
+HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null && echo yes)
+# On a GPU machine with pytest-xdist the tests run in parallel: Triton's compiles dominate, one worker per core.
+PYTEST_PARALLEL := $(shell nvidia-smi -L >/dev/null 2>&1 && $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
+
+.PHONY: install bench test lint check-extension
 
 install:
-	$(PYTHON) -m pip install torch==2.13.0
+ifeq ($(HAVE_CUDA_TORCH),yes)
+	# CUDA torch present: no network, no dependency resolution; the extension is built for this GPU only.
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)}" \
+		$(PYTHON) -m pip install --no-index --no-deps --no-build-isolation -e .
+else
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -r requirements-dev.txt
 	$(PYTHON) -m pip install --no-build-isolation -e .
+endif
 
 # GPU: the full rotary benchmark (tables, CSV and PNG under benchmarks/results/<gpu>/).
 # No GPU: a quick parity + timing run under Triton's interpreter, which says so.
@@ -14,7 +28,16 @@ bench:
 	$(PYTHON) -m benchmarks.bench_rotary
 
 lint:
-	ruff check .
+	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then $(PYTHON) -m ruff check .; \
+	else echo "ruff is not installed here (a GPU machine's image): lint skipped"; fi
 
 test: lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL)
+
+# The real CUDA extension against a CUDA build of torch, on a machine without a GPU: build for sm_80 and sm_90,
+# load, and check every op's schema against pi_kernels/_cuda.py's calls (tests/extension_check.py).
+check-extension:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -c "import sys, torch, numpy; sys.exit(torch.version.cuda is None)" 2>/dev/null \
+		|| $(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) numpy
+	$(CUDA_VENV)/bin/python tests/extension_check.py

@@ -24,6 +24,8 @@ def _has_cuda_device():
 
 if not _has_cuda_device():
     os.environ["TRITON_INTERPRET"] = "1"
+# Tests check results, not tile choices: ops that autotune (qkv_proj) keep one config, so no test runs for minutes.
+os.environ.setdefault("PI_KERNELS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
