@@ -84,9 +84,13 @@ def check_qk(q, k, layout):
         raise ValueError(f"q and k must have the same {what}: q {tuple(q.shape)}, k {tuple(k.shape)} ({layout})")
     if k4.shape[3] != q4.shape[3]:
         raise ValueError(f"k head_dim ({k4.shape[3]}) must equal q head_dim ({q4.shape[3]})")
-    if q4.shape[3] % 2:
-        raise ValueError(f"head_dim must be even, got {q4.shape[3]}")
+    check_head_dim(q4.shape[3], "head_dim")
     return q4, k4
+
+
+def check_head_dim(head_dim, name):
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"{name} must be a positive even number, got {head_dim}")
 
 
 def check_rotary_dim(rotary_dim, head_dim):
@@ -212,3 +216,93 @@ def check_values(positions, cu_seqlens, max_seqlen, total_tokens):
                          f"{total_tokens}, got {cu.tolist()[:8]}{'...' if len(cu) > 8 else ''}")
     if max_seqlen is not None and int(lengths.max()) > max_seqlen:
         raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds max_seqlen={max_seqlen}")
+
+
+# Work bound of the overlap search below: layouts made by slicing, permuting or expanding a buffer need a few dozen
+# steps; only contrived ``as_strided`` layouts get near it.
+_OVERLAP_SEARCH_BUDGET = 10000
+
+
+def _has_integer_solution(terms, target):
+    """Whether ``Σ c·k = target`` has a solution with integers ``lo ≤ k ≤ hi`` for ``(c > 0, lo, hi)`` in ``terms``.
+
+    Depth-first over the terms by decreasing ``|c|``, keeping only the ``k`` the remaining terms can still make up
+    for; a layout of nested strides (any view of a dense buffer) leaves one or two candidates per level.
+    """
+    terms = sorted((term for term in terms if term[0] != 0), reverse=True)
+    reach_lo, reach_hi = [0] * (len(terms) + 1), [0] * (len(terms) + 1)
+    for i in range(len(terms) - 1, -1, -1):
+        c, lo, hi = terms[i]
+        reach_lo[i], reach_hi[i] = reach_lo[i + 1] + c * lo, reach_hi[i + 1] + c * hi
+    budget = [_OVERLAP_SEARCH_BUDGET]
+
+    def visit(i, rest):
+        if i == len(terms):
+            return rest == 0
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError("the memory layout of the in-place tensors is too irregular to prove that they do not "
+                             "overlap; pass contiguous tensors")
+        c, lo, hi = terms[i]
+        first = max(lo, -((reach_hi[i + 1] - rest) // c))  # ceil((rest - reach_hi) / c)
+        last = min(hi, (rest - reach_lo[i + 1]) // c)
+        return any(visit(i + 1, rest - c * k) for k in range(first, last + 1))
+
+    return visit(0, target)
+
+
+def _dims(x):
+    """(stride, size) of the dimensions of x that have more than one element."""
+    return [(stride, size) for stride, size in zip(x.stride(), x.shape, strict=True) if size > 1]
+
+
+def _overlaps_itself(x):
+    """Whether two elements of x share memory (an expanded, stride-0 dimension, or strides that collide)."""
+    dims = _dims(x)
+    strides = [stride for stride, _ in dims]
+    if 0 in strides or len(set(strides)) < len(strides):
+        return True
+    # Index vectors i ≠ j with Σ (i − j)·stride = 0; as j − i works too, the first nonzero difference can be > 0.
+    return any(_has_integer_solution([(stride, 1, size - 1)] + [(s, 1 - n, n - 1) for s, n in dims[first + 1:]], 0)
+               for first, (stride, size) in enumerate(dims))
+
+
+def _overlap_each_other(a, b):
+    """Whether a and b (same dtype) share an element of memory."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    ends = [x.storage_offset() + sum((n - 1) * s for s, n in _dims(x)) for x in (a, b)]
+    if ends[0] < b.storage_offset() or ends[1] < a.storage_offset():
+        return False
+    # An element of a at offset_a + Σ i·stride_a equal to one of b: Σ i·stride_a − Σ j·stride_b = offset_b − offset_a.
+    # Dimensions of equal stride merge into one term (i − j takes every integer between the bounds).
+    merged = {}
+    for x, sign in ((a, 1), (b, -1)):
+        for stride, size in _dims(x):
+            lo, hi = merged.get(stride, (0, 0))
+            merged[stride] = (lo, hi + size - 1) if sign > 0 else (lo - (size - 1), hi)
+    terms = [(stride, lo, hi) for stride, (lo, hi) in merged.items()]
+    return _has_integer_solution(terms, b.storage_offset() - a.storage_offset())
+
+
+def check_no_overlap(written, read=()):
+    """Refuse in-place targets that overlap themselves or each other, or a tensor read by the same call.
+
+    ``written`` and ``read`` are ``(name, tensor)`` pairs (tensors of one dtype, or None); a kernel writing into
+    such memory would rotate an element twice or read what it already wrote. Skipped while ``torch.compile``
+    traces, where in-place ops are functionalized.
+    """
+    if torch.compiler.is_compiling():
+        return
+    written = [(name, x) for name, x in written if x is not None]
+    for name, x in written:
+        if x.numel() and _overlaps_itself(x):
+            raise ValueError(f"{name} is written in place but has elements that share memory (an expanded, "
+                             f"stride-0 view?): strides {tuple(x.stride())} for shape {tuple(x.shape)}; pass "
+                             f"{name}.contiguous() or its clone")
+    others = written + [(name, x) for name, x in read if x is not None]
+    for i, (name, x) in enumerate(written):
+        for other_name, other in others[i + 1:]:
+            if _overlap_each_other(x, other):
+                raise ValueError(f"{name} is written in place but shares memory with {other_name}; pass tensors "
+                                 f"that do not overlap")

@@ -288,6 +288,17 @@ def _check_range(values, name, low, high, what):
         raise ValueError(f"{name} must be in [{low}, {high}) ({what}), got values in [{minimum}, {maximum}]")
 
 
+def _check_distinct_slots(slot_mapping):
+    """Synchronizing check that no slot other than -1 appears twice (two tokens would race for it)."""
+    if slot_mapping.numel() < 2 or not validation.value_checks_enabled(slot_mapping.device):
+        return
+    slots = slot_mapping[slot_mapping >= 0].sort().values
+    repeated = slots[1:][slots[1:] == slots[:-1]]
+    if repeated.numel():
+        raise ValueError(f"slot_mapping must not repeat a slot within one call, got slot {int(repeated[0])} "
+                         f"more than once")
+
+
 def _vllm_views(positions, query, key, head_size):
     """(query4, key4, positions2d): (batch or 1, seq, heads, head_size) views of vLLM-convention tensors.
 
@@ -357,6 +368,7 @@ def _check_vllm_inputs(positions, query, key, head_size):
                              f"positions {tuple(positions.shape)}, got {tuple(x.shape)}")
     if key is not None and key.dtype != query.dtype:
         raise TypeError(f"key.dtype ({key.dtype}) must match query.dtype ({query.dtype})")
+    validation.check_no_overlap((("query", query), ("key", key)))
 
 
 def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox=True, *, backend="auto"):
@@ -461,6 +473,7 @@ def _cache_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         q4, k4, v4, q_out4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), q_out.unsqueeze(0)
         n_slots = k_cache4.shape[0] * k_cache4.shape[1]
         _check_range(cache_index, "slot_mapping", -1, n_slots, f"-1 or a slot of num_blocks · block_size = {n_slots}")
+        _check_distinct_slots(cache_index)
     else:
         q4, k4, v4, q_out4 = q, k, v, q_out
         max_len, new = k_cache4.shape[1], q.shape[1]
@@ -499,11 +512,13 @@ def _check_cache_inputs(q, k, v, k_cache, v_cache, token_dims):
         raise ValueError(f"k and v must have the same shape, with q's {lead} leading dims: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim or head_dim % 2:
-        raise ValueError(f"q and k must have the same even head_dim, got {head_dim} and {k.shape[-1]}")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"q and k must have the same head_dim, got {head_dim} and {k.shape[-1]}")
+    validation.check_head_dim(head_dim, "head_dim")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
+    validation.check_no_overlap((("k_cache", k_cache), ("v_cache", v_cache)), (("q", q), ("k", k), ("v", v)))
     return head_dim
 
 
@@ -593,7 +608,8 @@ def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positi
         (num_pages, 2, page_size, heads, head_dim) cache passes as ``cache[:, 0], cache[:, 1]``). ``"hnd"``:
         (num_blocks, n_kv_heads, block_size, head_dim), FlashInfer's HND layout.
     slot_mapping : Tensor
-        (num_tokens,) int64/int32, each -1 or in [0, num_blocks * block_size). Two tokens must not share a slot.
+        (num_tokens,) int64/int32, each -1 or in [0, num_blocks * block_size). Two tokens must not share a slot
+        (checked, like the range, unless ``set_value_checks(False)``).
     positions : Tensor
         (num_tokens,) int64/int32 rotary positions, ≥ 0.
     scaling_factor, base, inv_freq, rotary_dim, interleaved

@@ -179,7 +179,8 @@ def random_slots(num_tokens, n_slots, n_padding, device):
 @pytest.mark.parametrize("rotary_dim", [None, 48])
 @pytest.mark.parametrize("kv_layout", ["nhd", "hnd"])
 def test_paged_kv_cache_append_matches_reference(device, dtype, interleaved, rotary_dim, kv_layout):
-    num_tokens, num_blocks, block_size, n_kv_heads = 19, 9, 4, 1
+    # Two KV heads, so that an HND cache (heads before slots) differs in memory from its NHD reshape.
+    num_tokens, num_blocks, block_size, n_kv_heads = 19, 9, 4, 2
     q, k, v = make_new_tokens(device, dtype, (num_tokens,), n_kv_heads=n_kv_heads)
     shape = (num_blocks, block_size, n_kv_heads, 80) if kv_layout == "nhd" else \
         (num_blocks, n_kv_heads, block_size, 80)
@@ -318,6 +319,9 @@ BAD_VLLM = [
     ("1-D cache", dict(cache_shape=(MAX_POSITION,)), ValueError, "cos_sin_cache must be a 2-D"),
     ("cache dtype", dict(cache_dtype=torch.float16), TypeError, "cos_sin_cache.dtype"),
     ("unknown backend", dict(backend="cutlass"), ValueError, "backend must be one of"),
+    ("key is query", dict(key="query"), ValueError, "query is written in place but shares memory with key"),
+    ("key overlaps query", dict(key="query tail"), ValueError, "query is written in place but shares memory"),
+    ("expanded query", dict(query="expanded"), ValueError, "query is written in place but has elements that share"),
 ]
 
 
@@ -328,6 +332,9 @@ def test_rotary_embedding_bad_input_is_rejected(device, case):
     positions = positions.to(spec.get("positions_dtype", torch.int64)).reshape(spec.get("positions_shape", (2,)))
     query = torch.randn(spec.get("query_shape", (2, 256)), device=device, dtype=spec.get("query_dtype", torch.float32))
     key = torch.randn(2, 64, device=device, dtype=spec.get("key_dtype", query.dtype))
+    if spec.get("query") == "expanded":
+        query = query[:1].expand(query.shape)
+    key = {"query": query, "query tail": query[:, 192:]}.get(spec.get("key"), key)
     cos_sin_cache = torch.randn(spec.get("cache_shape", (MAX_POSITION, 64)), device=device,
                                 dtype=spec.get("cache_dtype", torch.float32))
     query_before, key_before = query.clone(), key.clone()
@@ -365,9 +372,15 @@ BAD_DENSE = [
     ("positions shape", dict(positions=[0, 1, 2, 3]), ValueError, "positions must have shape"),
     ("k/v shape mismatch", dict(v_shape=(2, 3, 1, 64)), ValueError, "k and v must have the same shape"),
     ("q/k tokens mismatch", dict(q_shape=(2, 4, 4, 64)), ValueError, "k and v must have the same shape"),
-    ("head_dim mismatch", dict(q_shape=(2, 3, 4, 32)), ValueError, "same even head_dim"),
+    ("head_dim mismatch", dict(q_shape=(2, 3, 4, 32)), ValueError, "same head_dim"),
     ("odd head_dim", dict(q_shape=(2, 3, 4, 63), kv_shape=(2, 3, 2, 63), cache_shape=(2, 8, 2, 63)), ValueError,
-     "same even head_dim"),
+     "head_dim must be a positive even"),
+    ("zero head_dim", dict(q_shape=(2, 3, 4, 0), kv_shape=(2, 3, 2, 0), cache_shape=(2, 8, 2, 0)), ValueError,
+     "head_dim must be a positive even"),
+    ("v_cache is k_cache", dict(v_cache="k_cache"), ValueError, "k_cache is written in place but shares memory with "
+     "v_cache"),
+    ("expanded cache", dict(cache="expanded"), ValueError, "k_cache is written in place but has elements that share"),
+    ("k is a view of k_cache", dict(k="k_cache"), ValueError, "k_cache is written in place but shares memory with k"),
     ("cache heads", dict(cache_shape=(2, 8, 1, 64)), ValueError, "k_cache and v_cache must have shape"),
     ("cache batch", dict(cache_shape=(3, 8, 2, 64)), ValueError, "k_cache and v_cache must have shape"),
     ("cache shapes differ", dict(v_cache_shape=(2, 9, 2, 64)), ValueError, "k_cache and v_cache must have the same"),
@@ -385,7 +398,13 @@ def test_kv_cache_append_bad_input_is_rejected(device, case):
     v = torch.randn(spec.get("v_shape", k.shape), device=device)
     k_cache = torch.randn(spec.get("cache_shape", (2, 8, 2, 64)), device=device,
                           dtype=spec.get("cache_dtype", torch.float32))
+    if spec.get("cache") == "expanded":
+        k_cache = k_cache[:1].expand(k_cache.shape)
     v_cache = torch.randn(spec.get("v_cache_shape", k_cache.shape), device=device, dtype=k_cache.dtype)
+    if spec.get("v_cache") == "k_cache":
+        v_cache = k_cache
+    if spec.get("k") == "k_cache":
+        k = k_cache[:, :3]
     cache_seqlens = torch.tensor(spec.get("cache_seqlens", [0, 5]), device=device,
                                  dtype=spec.get("cache_seqlens_dtype", torch.int64))
     positions = spec.get("positions")
@@ -410,6 +429,10 @@ BAD_PAGED = [
     ("hnd cache heads", dict(kv_layout="hnd"), ValueError, r"\(num_blocks, n_kv_heads, block_size, head_dim\)"),
     ("cache head_dim", dict(cache_shape=(6, 4, 2, 32)), ValueError, "k_cache and v_cache must have shape"),
     ("q rank", dict(q_shape=(1, 3, 4, 64)), ValueError, "q must be 3-D"),
+    ("zero head_dim", dict(q_shape=(3, 4, 0), kv_shape=(3, 2, 0), cache_shape=(6, 4, 2, 0)), ValueError,
+     "head_dim must be a positive even"),
+    ("repeated slot", dict(slots=[7, 2, 7]), ValueError, "slot_mapping must not repeat a slot.*got slot 7"),
+    ("v_cache overlaps k_cache", dict(v_cache="k_cache"), ValueError, "k_cache is written in place but shares memory"),
 ]
 
 
@@ -417,9 +440,13 @@ BAD_PAGED = [
 def test_paged_kv_cache_append_bad_input_is_rejected(device, case):
     _, spec, error, match = case
     q = torch.randn(spec.get("q_shape", (3, 4, 64)), device=device)
-    k, v = torch.randn(3, 2, 64, device=device), torch.randn(3, 2, 64, device=device)
+    k, v = torch.randn(spec.get("kv_shape", (3, 2, 64)), device=device), torch.randn(spec.get("kv_shape", (3, 2, 64)),
+                                                                                     device=device)
     k_cache = torch.randn(spec.get("cache_shape", (6, 4, 2, 64)), device=device)
     v_cache = torch.randn_like(k_cache)
+    if spec.get("v_cache") == "k_cache":  # blocks 0-5 and 1-6 of one buffer: overlapping, not identical
+        blocks = torch.randn(7, 4, 2, 64, device=device)
+        k_cache, v_cache = blocks[:6], blocks[1:]
     slot_mapping = torch.tensor(spec.get("slots", [0, 5, 3]), device=device).to(
         spec.get("slots_dtype", torch.int64))
     positions = spec.get("positions", [0, 1, 2])

@@ -3,6 +3,7 @@
 Runs under Triton's interpreter on a CPU machine and compiled on a GPU (see conftest.py), with the same code.
 """
 
+import functools
 import math
 
 import pytest
@@ -218,6 +219,55 @@ def test_inplace_under_autograd(device, layout):
     assert_close(leaf_k.grad, k64.grad, torch.float32, name="dk")
 
 
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_inplace_under_autograd_on_views(device, layout):
+    """q and k as views of projection outputs, as in a model: ``q_proj(x).view(...)``, rotated in place."""
+    x = torch.randn(2, 33, 96, device=device, requires_grad=True)
+    w_q, w_k = torch.randn(4 * 16, 96, device=device), torch.randn(2 * 16, 96, device=device)
+    positions = make_positions("ids", layout, device)
+
+    def project(rotary):
+        q, k = (x @ w_q.T).view(2, 33, 4, 16), (x @ w_k.T).view(2, 33, 2, 16)
+        if layout == "bhsd":
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return rotary(q, k, positions, layout=layout, scaling_factor=4.0)
+
+    q_out, k_out = project(functools.partial(pi_kernels.rotary_interp, inplace=True))
+    grad_q, grad_k = torch.randn_like(q_out), torch.randn_like(k_out)
+    (dx,) = torch.autograd.grad((q_out, k_out), x, (grad_q, grad_k))
+    q_ref, k_ref = project(rotary_interp_reference)
+    (dx_ref,) = torch.autograd.grad((q_ref, k_ref), x, (grad_q, grad_k))
+    assert_close(q_out, q_ref, torch.float32, name="q")
+    assert_close(k_out, k_ref, torch.float32, name="k")
+    assert_close(dx, dx_ref, torch.float32, name="dx")
+
+
+def _overlapping_inplace_inputs(kind, device):
+    if kind == "expanded q":
+        return torch.randn(1, 3, 1, 8, device=device).expand(1, 3, 4, 8), torch.randn(1, 3, 1, 8, device=device)
+    if kind == "q is k":
+        x = torch.randn(1, 3, 2, 8, device=device)
+        return x, x
+    buffer = torch.randn(1, 3, 5, 8, device=device)  # heads 0-3 and 2-4 of one buffer
+    return buffer[:, :, :4], buffer[:, :, 2:]
+
+
+@pytest.mark.parametrize("kind,match", [("expanded q", "q is written in place but has elements that share memory"),
+                                        ("q is k", "q is written in place but shares memory with k"),
+                                        ("overlapping views", "q is written in place but shares memory with k")])
+def test_inplace_refuses_overlapping_memory(device, kind, match):
+    q, k = _overlapping_inplace_inputs(kind, device)
+    q_before, k_before = q.clone(), k.clone()
+    with pytest.raises(ValueError, match=match):
+        pi_kernels.rotary_interp(q, k, inplace=True)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+    # Out of place, the same inputs are fine.
+    q_out, k_out = pi_kernels.rotary_interp(q, k)
+    q_ref, k_ref = rotary_interp_reference(q.double(), k.double())
+    assert_close(q_out, q_ref, torch.float32, name="q")
+    assert_close(k_out, k_ref, torch.float32, name="k")
+
+
 def test_double_backward(device):
     """The backward goes through the op again, so gradients of gradients exist and match the reference."""
     q, k = make_qk("bshd", device, torch.float32, requires_grad=True)
@@ -245,6 +295,19 @@ def test_custom_inv_freq_and_interpolation(device):
     assert rel_error(via_factor, via_inv_freq) <= TOLERANCE[torch.float32]
 
 
+def test_custom_inv_freq_with_interpolation(device):
+    """A custom inv_freq and scaling_factor ≠ 1 together: the factor divides the angle (a multiply would not pass)."""
+    q, k = make_qk("bshd", device, torch.float32, head_dim=64)
+    yarn = scaling.rope_frequencies({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                     "original_max_position_embeddings": 4096}, 64).inv_freq.to(device)
+    positions = make_positions("ids", "bshd", device)
+    (q_out, k_out), (q_ref, k_ref) = call_both(q, k, positions, "bshd", inv_freq=yarn, scaling_factor=3.0)
+    assert_close(q_out, q_ref, torch.float32, name="q")
+    assert_close(k_out, k_ref, torch.float32, name="k")
+    via_inv_freq, _ = pi_kernels.rotary_interp(q, k, positions, inv_freq=yarn / 3.0)
+    assert rel_error(q_out, via_inv_freq) <= TOLERANCE[torch.float32]
+
+
 def test_interpolated_positions_stay_in_trained_range(device):
     """PI's point: position m with factor s rotates exactly like position m / s without it."""
     q, k = make_qk("bshd", device, torch.float32, batch=1, seq=16)
@@ -254,10 +317,12 @@ def test_interpolated_positions_stay_in_trained_range(device):
     assert rel_error(interpolated, plain) <= TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_torch_compile_fullgraph(device, inplace):
+@pytest.mark.parametrize("inplace,views", [(False, False), (True, False), (True, True)])
+def test_torch_compile_fullgraph(device, inplace, views):
     def step(q, k, positions):
         q, k = q * 1.0, k * 1.0
+        if views:
+            q, k = q.view(q.shape), k.view(k.shape)
         q, k = pi_kernels.rotary_interp(q, k, positions, scaling_factor=4.0, inplace=inplace)
         return (q.float() ** 2).sum() + (k * 3.0).sum()
 
@@ -300,7 +365,8 @@ def test_value_checks_can_be_switched_off(device):
 
 
 BAD_INPUTS = [
-    ("odd head_dim", dict(q=(2, 8, 4, 63), k=(2, 8, 1, 63)), {}, ValueError, "head_dim must be even"),
+    ("odd head_dim", dict(q=(2, 8, 4, 63), k=(2, 8, 1, 63)), {}, ValueError, "head_dim must be a positive even"),
+    ("zero head_dim", dict(q=(2, 8, 4, 0), k=(2, 8, 1, 0)), {}, ValueError, "head_dim must be a positive even"),
     ("odd rotary_dim", {}, dict(rotary_dim=31), ValueError, "rotary_dim must be a positive even int"),
     ("rotary_dim > head_dim", {}, dict(rotary_dim=96), ValueError, "rotary_dim must be"),
     ("dtype mismatch", dict(k_dtype=torch.float16), {}, TypeError, "k.dtype"),

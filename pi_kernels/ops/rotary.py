@@ -133,7 +133,7 @@ def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary
     # per program share its angles; fewer when that leaves too few programs to fill the GPU.
     block_t = max(1, min(1024 // block_half, triton.next_power_of_2(seq_len)))
     n_token_blocks = triton.cdiv(seq_len, block_t)
-    heads = min(8, max(1, min(n_q_heads, n_k_heads)))
+    heads = min(8, min(n for n in (n_q_heads, n_k_heads) if n > 0))
     min_programs = _min_programs(q4.device)
     while heads > 1 and batch * n_token_blocks * triton.cdiv(n_q_heads + n_k_heads, heads) < min_programs:
         heads //= 2
@@ -213,32 +213,44 @@ def rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, 
     return torch.ops.pi_kernels.rotary_interp(q, k, *args)
 
 
+def _no_heads_like(x, layout):
+    """An empty tensor shaped like x with 0 heads: the k of a launch that rotates x alone."""
+    shape = list(x.shape)
+    shape[1 if layout in ("bhsd", "thd") else 2] = 0
+    return x.new_empty(shape)
+
+
 class RotaryInterpFunction(torch.autograd.Function):
-    """Autograd for interpolated RoPE: the backward is the same kernel rotating the gradients by -angle."""
+    """Autograd for interpolated RoPE: the backward is the same kernel rotating the gradients by -angle.
+
+    ``k=None`` rotates q alone and returns one tensor: PyTorch lets a Function that modifies a view in place return
+    only one, so in-place calls on views under autograd take one Function per tensor.
+    """
 
     @staticmethod
     def forward(ctx, q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
                 scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate, backend):
-        q_out, k_out = rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen,
-                                      inv_freq, base, scaling_factor, rotary_dim, interleaved, layout, inplace,
-                                      conjugate, backend)
+        q_out, k_out = rotary_forward(q, _no_heads_like(q, layout) if k is None else k, positions, position_mode,
+                                      position_offset, cu_seqlens, max_seqlen, inv_freq, base, scaling_factor,
+                                      rotary_dim, interleaved, layout, inplace, conjugate, backend)
         if inplace:
-            ctx.mark_dirty(q, k)
+            ctx.mark_dirty(*((q,) if k is None else (q, k)))
         ctx.save_for_backward(positions, cu_seqlens, inv_freq)
         ctx.options = (position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved,
                        layout, conjugate, backend)
-        return q_out, k_out
+        ctx.rotates_k = k is not None
+        return (q_out, k_out) if k is not None else q_out
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k):
+    def backward(ctx, grad_q, grad_k=None):
         positions, cu_seqlens, inv_freq = ctx.saved_tensors
         position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved, layout, \
             conjugate, backend = ctx.options
         # Going through apply again keeps the backward itself differentiable (double backward).
-        grad_q, grad_k = RotaryInterpFunction.apply(grad_q, grad_k, positions, position_mode, position_offset,
-                                                    cu_seqlens, max_seqlen, inv_freq, base, scaling_factor,
-                                                    rotary_dim, interleaved, layout, False, not conjugate,
-                                                    backend)
+        grads = RotaryInterpFunction.apply(grad_q, grad_k, positions, position_mode,
+                                           position_offset, cu_seqlens, max_seqlen, inv_freq, base, scaling_factor,
+                                           rotary_dim, interleaved, layout, False, not conjugate, backend)
+        grad_q, grad_k = grads if ctx.rotates_k else (grads, None)
         return grad_q, grad_k, *([None] * 14)
 
 
@@ -275,7 +287,8 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     layout : str
         One of ``"bshd"``, ``"bhsd"``, ``"sbhd"``, ``"thd"``.
     inplace : bool
-        Write into q and k (autograd-safe through ``mark_dirty``). Otherwise q and k are never modified.
+        Write into q and k, also under autograd and on views (``mark_dirty``). q and k must not overlap each other
+        or themselves (an expanded, stride-0 q is refused). Otherwise q and k are never modified.
     cu_seqlens : Tensor, optional
         (n_seqs + 1,) int32/int64 cumulative sequence lengths; required for ``"thd"`` and only valid with it.
     max_seqlen : int, optional
@@ -309,9 +322,14 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
             raise ValueError(f"cu_seqlens and max_seqlen are only valid with layout='thd', got layout={layout!r}")
         spec = v.resolve_positions(positions, q4.shape[0], q4.shape[1], q.device)
     backend = _cuda.resolve_backend(backend, q.device)
-    return RotaryInterpFunction.apply(q, k, spec.ids, spec.mode, spec.offset, cu_seqlens, max_seqlen, inv_freq,
-                                      base, scaling_factor, rotary_dim, bool(interleaved), layout, bool(inplace),
-                                      False, backend)
+    if inplace:
+        v.check_no_overlap((("q", q), ("k", k)))
+    args = (spec.ids, spec.mode, spec.offset, cu_seqlens, max_seqlen, inv_freq, base, scaling_factor, rotary_dim,
+            bool(interleaved), layout, bool(inplace), False, backend)
+    if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) \
+            and (q._base is not None or k._base is not None):
+        return RotaryInterpFunction.apply(q, None, *args), RotaryInterpFunction.apply(k, None, *args)
+    return RotaryInterpFunction.apply(q, k, *args)
 
 
 class RotaryInterp(torch.nn.Module):
