@@ -20,6 +20,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "params.h"
@@ -54,6 +55,24 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 // N elements as float: one N · sizeof(T)-byte access when VECTOR (contiguous and aligned), else N strided loads.
+// Write one 16-byte pack with an explicit 128-bit store on the device. A plain store of the pack is not enough:
+// the compiler merges the stores of rotate_chunk's branches (copy, interleaved, rotate-half) into one store whose
+// address it no longer knows to be 16-byte aligned, and splits it into 6 x STG.E.U16 + STG.E. An asm store is
+// neither merged nor split. The host compiler (CPU emulation) takes the plain store.
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(Pack<T, N>* ptr, const Pack<T, N>& pack) {
+  static_assert(sizeof(Pack<T, N>) == 16, "store_pack writes 16-byte packs");
+#ifdef __CUDA_ARCH__
+  uint4 bits;
+  memcpy(&bits, &pack, sizeof(bits));
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(bits.x), "r"(bits.y), "r"(bits.z),
+               "r"(bits.w)
+               : "memory");
+#else
+  *ptr = pack;
+#endif
+}
+
 template <typename T, int N, bool VECTOR>
 __device__ __forceinline__ void load_floats(const T* ptr, int64_t stride, float (&out)[N]) {
   if constexpr (VECTOR) {
@@ -72,7 +91,7 @@ __device__ __forceinline__ void store_floats(T* ptr, int64_t stride, const float
     Pack<T, N> pack;
 #pragma unroll
     for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
-    *reinterpret_cast<Pack<T, N>*>(ptr) = pack;
+    store_pack(reinterpret_cast<Pack<T, N>*>(ptr), pack);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) ptr[i * stride] = from_float<T>(in[i]);
@@ -83,7 +102,8 @@ __device__ __forceinline__ void store_floats(T* ptr, int64_t stride, const float
 template <typename T, int N, bool VECTOR>
 __device__ __forceinline__ void copy_elements(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
   if constexpr (VECTOR) {
-    *reinterpret_cast<Pack<T, N>*>(dst) = *reinterpret_cast<const Pack<T, N>*>(src);
+    const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(src);
+    store_pack(reinterpret_cast<Pack<T, N>*>(dst), pack);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i * dst_stride] = src[i * src_stride];
