@@ -56,7 +56,6 @@ def _rank_chunks(rank, world_size):
 
 def _to_sequence_order(gathered, seq_dim):
     """(W, *local) stack of every rank's shard -> the unsharded tensor (seq_dim counts in the local shape)."""
-    world_size = gathered.shape[0]
     halves = gathered.unflatten(seq_dim + 1, (2, -1))
     # Chunks 0..W-1 are the ranks' first halves in rank order; chunks W..2W-1 their second halves, last rank first.
     chunks = torch.cat([halves.select(seq_dim + 1, 0), halves.select(seq_dim + 1, 1).flip(0)])

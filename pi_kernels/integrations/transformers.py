@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 import pi_kernels
 
-from .. import scaling
+from .. import parallel, scaling
 
-__all__ = ["SUPPORTED_ATTENTION_CLASSES", "SUPPORTED_ROPE_TYPES", "is_patched", "patch_model", "unpatch_model"]
+__all__ = ["SUPPORTED_ATTENTION_CLASSES", "SUPPORTED_ROPE_TYPES", "disable_context_parallel",
+           "enable_context_parallel", "is_patched", "patch_model", "unpatch_model"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class _AttentionPatch:
     qkv: bool
     eager_attention: object   # the modeling module's eager_attention_forward, HF's default interface
     original_forward: object  # the class forward, run when no pi_kernels op applies (rotary=False)
+    context_parallel: "_ContextParallel | None" = None  # set by enable_context_parallel
 
 
 def _rope_of(model, head_dims):
@@ -232,6 +235,83 @@ def patch_model(model, *, rotary=True, attention=False, qkv=False):
     return model
 
 
+@dataclass
+class _ContextParallel:
+    group: object                     # the torch.distributed group the sequence is sharded across
+    attn_implementation: str          # the model's own, restored by disable_context_parallel
+
+
+_CONTEXT_PARALLEL_IMPLEMENTATION = "pi_kernels_context_parallel"
+
+
+def _context_parallel_mask(*, attention_mask=None, **_):
+    """HF mask builder under context parallelism: no mask (the shards' positions are not contiguous, which HF
+    would take for packed sequences); the causal mask is applied by the attention itself."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("context-parallel attention takes no padding mask: pass attention_mask=None (or all ones)")
+
+
+def _context_parallel_unfused(module, *args, **kwargs):
+    """The HF attention interface under context parallelism, reached only by calls the fused op cannot take."""
+    raise ValueError("context-parallel attention runs without KV cache (use_cache=False), attention dropout, "
+                     "sliding window or packed sequences (cu_seq_lens_q)")
+
+
+def _patches(model):
+    return [getattr(module, _PATCH_ATTRIBUTE) for module in model.modules() if hasattr(module, _PATCH_ATTRIBUTE)]
+
+
+def enable_context_parallel(model, group=None):
+    """Make a model patched with ``attention=True`` attend over a sequence sharded across ``group``.
+
+    Every attention layer then calls :func:`pi_kernels.parallel.context_parallel_attention_rotary`: the model takes
+    this rank's shard of the tokens (:func:`pi_kernels.parallel.context_parallel_shard` on dim 1) with their
+    positions in the whole sequence as ``position_ids`` (:func:`pi_kernels.parallel.context_parallel_positions`,
+    shape (1 or batch, seq / W)), and returns this rank's rows. Everything else in the model is per token.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A model patched by :func:`patch_model` with ``attention=True``.
+    group : ProcessGroup, optional
+        The context-parallel group; default: the default process group.
+
+    Returns
+    -------
+    model
+        The same object. Its ``attn_implementation`` is switched to one that builds no mask (HF would otherwise
+        read the shard's non-contiguous positions as packed sequences); :func:`disable_context_parallel` restores it.
+
+    Raises
+    ------
+    ValueError
+        The model is not patched with ``attention=True``, or context parallelism is already on.
+    """
+    patches = _patches(model)
+    if not patches or not all(patch.attention for patch in patches):
+        raise ValueError("enable_context_parallel needs a model patched with patch_model(model, attention=True)")
+    if patches[0].context_parallel is not None:
+        raise ValueError("context parallelism is already enabled on this model")
+    AttentionInterface.register(_CONTEXT_PARALLEL_IMPLEMENTATION, _context_parallel_unfused)
+    AttentionMaskInterface.register(_CONTEXT_PARALLEL_IMPLEMENTATION, _context_parallel_mask)
+    state = _ContextParallel(group, model.config._attn_implementation)
+    model.set_attn_implementation(_CONTEXT_PARALLEL_IMPLEMENTATION)
+    for patch in patches:
+        patch.context_parallel = state
+    return model
+
+
+def disable_context_parallel(model):
+    """Undo :func:`enable_context_parallel`: single-process attention and the model's attention implementation."""
+    patches = _patches(model)
+    if not patches or patches[0].context_parallel is None:
+        raise ValueError("context parallelism is not enabled on this model")
+    model.set_attn_implementation(patches[0].context_parallel.attn_implementation)
+    for patch in patches:
+        patch.context_parallel = None
+    return model
+
+
 def unpatch_model(model):
     """Undo :func:`patch_model`: every attention layer runs its class forward again. Returns the model.
 
@@ -243,6 +323,8 @@ def unpatch_model(model):
     modules = [module for module in model.modules() if hasattr(module, _PATCH_ATTRIBUTE)]
     if not modules:
         raise ValueError("the model is not patched by pi_kernels")
+    if getattr(modules[0], _PATCH_ATTRIBUTE).context_parallel is not None:
+        disable_context_parallel(model)
     for module in modules:
         delattr(module, _PATCH_ATTRIBUTE)
         del module.forward
@@ -317,8 +399,12 @@ def _patched_forward(self, hidden_states, position_embeddings=None, attention_ma
             query, key = self.q_norm(query), self.k_norm(key)
         if fused_attention:
             # HF scales cos and sin, hence q and k, by the attention factor: the logits by its square.
-            out = pi_kernels.attention_rotary(query, key, value, position_ids, causal=True,
-                                              softmax_scale=self.scaling * attention_factor**2, **rope)
+            options = {"causal": True, "softmax_scale": self.scaling * attention_factor**2, **rope}
+            if patch.context_parallel is None:
+                out = pi_kernels.attention_rotary(query, key, value, position_ids, **options)
+            else:
+                out = parallel.context_parallel_attention_rotary(query, key, value, position_ids,
+                                                                 group=patch.context_parallel.group, **options)
             return self.o_proj(out.reshape(*input_shape, -1)), None
         query, key = pi_kernels.rotary_interp(query, key, position_ids, **rope)
     if attention_factor != 1.0:
