@@ -10,11 +10,14 @@ rotary_kv_cache_append, rotary_paged_kv_cache_append, inference
 attention_rotary, AttentionRotary
     Softmax attention of un-rotated q and k with interpolated RoPE applied in-kernel (Triton), forward, backward
     and decode against a rotated KV cache.
+parallel
+    Context parallelism: a sequence sharded across the ranks of a torch.distributed group, with its positions and
+    attention over the whole sequence.
 set_value_checks
     Switch off the synchronizing checks on tensor values (positions ≥ 0, ``cu_seqlens``).
 """
 
-from . import inference, reference, scaling
+from . import inference, parallel, reference, scaling
 from ._validation import set_value_checks
 from .inference import rotary_kv_cache_append, rotary_paged_kv_cache_append
 from .ops.attention import AttentionRotary, attention_rotary
@@ -23,6 +26,6 @@ from .ops.rotary import RotaryInterp, rotary_interp
 from .scaling import extend_context
 
 __all__ = ["AttentionRotary", "QKVProjRotary", "RotaryInterp", "attention_rotary", "extend_context", "inference",
-           "qkv_proj_rotary", "reference",
+           "parallel", "qkv_proj_rotary", "reference",
            "rotary_interp", "rotary_kv_cache_append", "rotary_paged_kv_cache_append", "scaling", "set_value_checks"]
 __version__ = "0.1.0"
