@@ -9,7 +9,7 @@ HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(torch.versi
 # On a GPU machine with pytest-xdist the tests run in parallel: Triton's compiles dominate, one worker per core.
 PYTEST_PARALLEL := $(shell nvidia-smi -L >/dev/null 2>&1 && $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
-.PHONY: install bench test lint check-extension
+.PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension
 
 install:
 ifeq ($(HAVE_CUDA_TORCH),yes)
@@ -33,6 +33,14 @@ lint:
 
 test: lint
 	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL)
+
+# One command of GPU truth (build, GPU tests, sanitizers, every benchmark) in at most 9 minutes; see README.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check
+
+# The same stages without a GPU (interpreter, tiny shapes, no build, no sanitizer), into a temporary folder.
+gpu-check-dry-run:
+	$(PYTHON) -m benchmarks.gpu_check --dry-run --out "$$(mktemp -d)"
 
 # The real CUDA extension against a CUDA build of torch, on a machine without a GPU: build for sm_80 and sm_90,
 # load, and check every op's schema against pi_kernels/_cuda.py's calls (tests/extension_check.py).

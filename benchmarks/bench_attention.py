@@ -28,10 +28,6 @@ in every cell; fwd+bwd faster than the fastest ``rotary_interp+sdpa-*`` at every
 from __future__ import annotations
 
 import argparse
-import gc
-import math
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +42,7 @@ except ImportError:  # run as a script: this folder, not the repository root, is
 OP = "attention_rotary"
 SCALING_FACTOR = 4.0
 BASE = 10000.0
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {name: harness.DTYPES[name] for name in ("bf16", "fp16")}
 FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # backward: five GEMMs to the forward's two
 # Relative-norm error against float64: a few times an attention's own rounding in the dtype (eager bf16 attention
 # is ~5e-3 from float64, fp16 ~7e-4), far below the O(1) error of a wrong rotation, mask or scale.
@@ -59,7 +54,6 @@ TARGET_TFLOPS = {"fwd": 470.0, "bwd": 320.0}  # at head_dim 128, 16k tokens, non
 TARGET_TFLOPS_AT = (128, 16384, False)
 TARGET_ROPE_COST = 1.05       # pi_kernels time / pi_kernels-norope time, at most
 TARGET_VS_SDPA_FROM = 2048    # fwd+bwd faster than the best rotary_interp+sdpa-* from this length on
-NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
 
 
 @dataclass(frozen=True)
@@ -86,18 +80,7 @@ GPU_FAMILIES = (
 CPU_FAMILIES = (Family("tiny-d32", 2, 32, (64,), (64,), 64),)
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Timing parameters passed to :func:`benchmarks.harness.measure`."""
-
-    warmup_ms: float
-    rep_ms: float
-    min_reps: int = 3
-
-
-GPU_BUDGET = Budget(25.0, 100.0)
-GPU_QUICK_BUDGET = Budget(10.0, 40.0)
-CPU_BUDGET = Budget(0.0, 0.0, 1)
+CPU_BUDGET = harness.Budget(0.0, 0.0, 1)
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -184,50 +167,19 @@ CPU_DEFAULT_PROVIDERS = ["pi_kernels", "pi_kernels-norope", "rotary_interp+pi_ke
                          "rotary_interp+sdpa-math", "eager+sdpa-math"]
 
 
-def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        unknown = [item for item in items if item not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
-        return items
-
-    return parse
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from exc
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"positive integers expected, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    families = [f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)]
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="GPU: two lengths, shorter timing (CPU is always quick)")
-    parser.add_argument(
-        "--out", metavar="DIR", help="results root (default: benchmarks/results on a GPU; nothing written on CPU)"
+    parser = harness.bench_parser(
+        "benchmarks.bench_attention",
+        __doc__,
+        providers=list(PROVIDERS),
+        families=[f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)],
+        dtypes=list(DTYPES),
+        dtype_default=("bf16",),
     )
-    parser.add_argument("--providers", type=_csv(list(PROVIDERS)), help=f"subset of {','.join(PROVIDERS)}")
-    parser.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="subset of " + ",".join(MODES))
-    parser.add_argument("--dtypes", type=_csv(list(DTYPES)), default=["bf16"], help="subset of bf16,fp16")
-    parser.add_argument("--families", type=_csv(families), help="head shapes (default: all for the device)")
-    parser.add_argument("--tokens", type=_ints, help="sequence lengths replacing each family's sweep, e.g. 16384")
-    parser.add_argument("--causal", type=_csv(["true", "false"]), help="true,false on a GPU; true without one")
+    parser.add_argument("--causal", type=harness.csv_choices(["true", "false"]),
+                        help="true,false on a GPU; true without one")
     return parser.parse_args(argv)
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64; inf when out is not finite."""
-    out = out.detach().double()
-    if not torch.isfinite(out).all():
-        return math.inf
-    return float((out - ref).norm() / ref.norm())
 
 
 def parity(fwd: AttnFn, provider: Provider, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -247,13 +199,14 @@ def parity(fwd: AttnFn, provider: Provider, q: torch.Tensor, k: torch.Tensor, v:
     # The last queries alone: bottom-right alignment and default positions make them the same rows.
     last = [x[:1, -rows:, heads] if i == 0 else x[:1, :, heads] for i, x in enumerate((q, k, v))]
     ref_out = attention_rotary_reference(*(x.double() for x in last), **options)
-    fwd_error = _rel_error(out[:1, -rows:, heads], ref_out)
+    fwd_error = harness.rel_error(out[:1, -rows:, heads], ref_out)
     bwd_error = None
     if check_bwd:
         out.backward(grad_out)
         leaves = [x[:1, :, heads].double().requires_grad_() for x in (q, k, v)]
         attention_rotary_reference(*leaves, **options).backward(grad_out[:1, :, heads].double())
-        bwd_error = max(_rel_error(x.grad[:1, :, heads], leaf.grad) for x, leaf in zip(inputs, leaves, strict=True))
+        bwd_error = max(harness.rel_error(x.grad[:1, :, heads], leaf.grad)
+                        for x, leaf in zip(inputs, leaves, strict=True))
     both = None if bwd_error is None else max(fwd_error, bwd_error)
     return {"fwd": fwd_error, "bwd": bwd_error, "fwd+bwd": both}
 
@@ -286,17 +239,6 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _row(family: Family, provider: Provider, mode: str, dtype_name: str, seq: int, causal: bool) -> dict[str, Any]:
     batch = family.batch(seq)
     flops = 4 * batch * seq * seq * family.n_heads * family.head_dim * (0.5 if causal else 1.0)
@@ -309,8 +251,47 @@ def _row(family: Family, provider: Provider, mode: str, dtype_name: str, seq: in
     }
 
 
+def _run_provider(provider: Provider, family: Family, seq: int, dtype_name: str, causal: bool,
+                  modes: Sequence[str], tensors: tuple[torch.Tensor, ...], *, device: torch.device,
+                  budget: harness.Budget) -> list[dict[str, Any]]:
+    """Check and time one provider in every mode on ``tensors`` (q, k, v, upstream gradient)."""
+    rows = [_row(family, provider, mode, dtype_name, seq, causal) for mode in modes]
+    try:
+        fwd = provider.build(causal)
+    except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
+        for row in rows:
+            row.update(status="error", note=harness.short_error(exc))
+        return rows
+    errors: dict[str, float | None] = {}
+
+    def check(mode: str) -> float | None:
+        if not errors:  # one forward (and backward) gives the errors of every mode
+            errors.update(parity(fwd, provider, *tensors, causal, modes))
+        return errors[mode]
+
+    def record_peak(fn: Callable[[], Any], row: dict[str, Any]) -> None:
+        if row["mode"] == "fwd+bwd":
+            row["peak_mib"] = peak_memory_mib(fn, device)
+
+    for row in rows:
+        mode = row["mode"]
+        timing = harness.check_then_time(
+            row,
+            check=lambda mode=mode: check(mode),
+            tol=PARITY_TOL[DTYPES[dtype_name]],
+            make_call=lambda mode=mode: timed_call(fwd, *tensors, mode),
+            budget=budget,
+            after=lambda fn, row=row: record_peak(fn, row),
+        )
+        if row["parity"] is None and row["status"] == "ok":
+            row["note"] = f"{provider.note}; backward parity checked up to {PARITY_BWD_MAX_TOKENS} tokens only"
+        if timing is not None:
+            row["tflops"] = row["flops"] / (timing.median_ms * 1e-3) / 1e12
+    return rows
+
+
 def run_group(family: Family, seqs: Sequence[int], dtype_name: str, causal: bool, modes: Sequence[str],
-              providers: Sequence[Provider], *, device: torch.device, budget: Budget,
+              providers: Sequence[Provider], *, device: torch.device, budget: harness.Budget,
               on_gpu: bool) -> list[dict[str, Any]]:
     """Check and time every (length, mode, provider) cell of one family, dtype and mask; return the rows."""
     dtype = DTYPES[dtype_name]
@@ -320,49 +301,23 @@ def run_group(family: Family, seqs: Sequence[int], dtype_name: str, causal: bool
     for seq in seqs:
         gen = torch.Generator(device=device).manual_seed(seq)
         shape = (family.batch(seq), seq, family.n_heads, family.head_dim)
-        q, k, v, grad_out = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(4))
+        tensors = tuple(torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(4))
         cells: list[dict[str, Any]] = []
         for p in providers:
-            by_mode = {mode: _row(family, p, mode, dtype_name, seq, causal) for mode in modes}
-            cells.extend(by_mode.values())
             if p.name in retired:
-                for row in by_mode.values():
-                    row.update(status="skipped", note=retired[p.name])
+                skip = {"status": "skipped", "note": retired[p.name]}
+                cells += [_row(family, p, mode, dtype_name, seq, causal) | skip for mode in modes]
                 continue
-            try:
-                fwd = p.build(causal)
-                errors = parity(fwd, p, q, k, v, grad_out, causal, modes)
-            except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
-                for row in by_mode.values():
-                    row.update(status="error", note=_short(exc))
+            provider_rows = _run_provider(p, family, seq, dtype_name, causal, modes, tensors, device=device,
+                                          budget=budget)
+            cells += provider_rows
+            if any(r["status"] == "error" for r in provider_rows):
                 retired[p.name] = f"skipped after an error at {seq} tokens"
-                _free(device)
-                continue
-            for mode, row in by_mode.items():
-                row["parity"] = errors[mode]
-                if errors[mode] is None:
-                    row["note"] = f"{p.note}; backward parity checked up to {PARITY_BWD_MAX_TOKENS} tokens only"
-                elif not errors[mode] <= PARITY_TOL[dtype]:
-                    row.update(status="parity-fail", note=f"parity {errors[mode]:.2e} > {PARITY_TOL[dtype]:.0e}")
-                    continue
-                try:
-                    fn, reset = timed_call(fwd, q, k, v, grad_out, mode)
-                    timing = harness.measure(fn, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms,
-                                             grad_to_none=reset, min_reps=budget.min_reps)
-                    if mode == "fwd+bwd":
-                        row["peak_mib"] = peak_memory_mib(fn, device)
-                except Exception as exc:  # noqa: BLE001
-                    row.update(status="error", note=_short(exc))
-                    retired[p.name] = f"skipped after an error at {seq} tokens"
-                    _free(device)
-                    continue
-                del fn, reset
-                row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                           tflops=row["flops"] / (timing.median_ms * 1e-3) / 1e12)
+                harness.free_memory(device)
         _fill_comparisons(cells, on_gpu)
         rows.extend(cells)
-        del q, k, v, grad_out
-        _free(device)
+        del tensors
+        harness.free_memory(device)
     return rows
 
 
@@ -429,59 +384,26 @@ def memory_scaling(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             | {"kib_per_token": r["peak_mib"] * 1024 / (r["batch"] * r["tokens"])} for r in points]
 
 
-def _write_outputs(out_root: str, env: dict[str, str], rows: list[dict[str, Any]], args: argparse.Namespace,
-                   ceiling: float | None, seconds: float) -> None:
-    folder = harness.results_dir(env, out_root)
-    csv_path = harness.append_results(folder / "attention.csv", rows, env)
-    stamp = env["date"].replace("-", "").replace(":", "").replace("+0000", "Z")
-    misses = [{k: r[k] for k in ("family", "causal", "dtype", "tokens", "mode", "target")}
-              for r in rows if r["target"] not in (None, "ok")]
-    harness.write_json(
-        folder / f"attention-{stamp}.json",
-        {"environment": env, "args": vars(args), "matmul_bf16_tflops": ceiling, "seconds": seconds,
-         "rows": len(rows), "pi_kernels_target_misses": misses, "pi_kernels_memory": memory_scaling(rows)},
-    )
-    # Plot and summary cover the latest measurement of every cell in the CSV, so split runs add up.
-    key = ("family", "causal", "mode", "dtype", "tokens", "provider")
-    latest = harness.latest_rows(harness.read_results(csv_path), key)
-    png = harness.plot_bandwidth(latest, folder / "attention.png", y_col="tflops", ceiling_col="",
-                                 panel_cols=("mode", "dtype", "family", "causal"), title=f"{OP} - {env['device']}")
-    largest: dict[tuple[str, str, str], int] = {}
-    for row in latest:
-        group = (row["family"], row["dtype"], row["causal"])
-        largest[group] = max(largest.get(group, 0), int(row["tokens"]))
-    summary_rows = [r for r in latest if r["provider"] in ("pi_kernels", "pi_kernels-norope")
-                    and int(r["tokens"]) in (largest[(r["family"], r["dtype"], r["causal"])], 16384)]
-    summary = harness.format_table(summary_rows, SUMMARY_COLUMNS, markdown=True)
-    (folder / "attention-summary.md").write_text(summary + "\n")
-    print(f"\nwrote {csv_path}, {png} and {folder / 'attention-summary.md'}", flush=True)
+def _summary(csv_path, latest) -> str:
+    """The README table: pi_kernels and its no-RoPE variant at 16k and the largest length of each group."""
+    largest = {(r["family"], r["dtype"], r["causal"]): r["tokens"]
+               for r in harness.largest_rows(latest, ("family", "dtype", "causal"))}
+    rows = [r for r in latest if r["provider"] in ("pi_kernels", "pi_kernels-norope")
+            and int(r["tokens"]) in (int(largest[(r["family"], r["dtype"], r["causal"])]), 16384)]
+    return harness.format_table(rows, SUMMARY_COLUMNS, markdown=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return 1 if pi_kernels failed parity or raised, else 0."""
     args = parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not harness.interpreter_mode()
-    if not on_gpu:
-        print(NO_GPU_LINE, flush=True)
-        # Must be set before pi_kernels defines its kernels (its first import happens in a provider's build).
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cuda" if on_gpu else "cpu")
-    budget = (GPU_QUICK_BUDGET if args.quick else GPU_BUDGET) if on_gpu else CPU_BUDGET
-    available = GPU_FAMILIES if on_gpu else CPU_FAMILIES
-    families = [f for f in available if not args.families or f.name in args.families]
-    if not families:
-        raise SystemExit(f"no shape family of this device matches --families (here: "
-                         f"{', '.join(f.name for f in available)})")
-    names = args.providers or (GPU_DEFAULT_PROVIDERS if on_gpu else CPU_DEFAULT_PROVIDERS)
-    providers = [PROVIDERS[name] for name in names if on_gpu or not PROVIDERS[name].needs_cuda]
-    skipped = [name for name in names if not on_gpu and PROVIDERS[name].needs_cuda]
-    causal_values = [c == "true" for c in (args.causal or (["true", "false"] if on_gpu else ["true"]))]
-
-    env = harness.environment()
-    started = time.perf_counter()
-    print(f"{OP} benchmark on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"python {env['python']} | commit {env['commit'] or '-'}", flush=True)
-    ceiling = harness.matmul_tflops(device) if on_gpu else None
+    run = harness.start_run(
+        OP, "attention", args, gpu_families=GPU_FAMILIES, cpu_families=CPU_FAMILIES, cpu_budget=CPU_BUDGET
+    )
+    names = args.providers or (GPU_DEFAULT_PROVIDERS if run.on_gpu else CPU_DEFAULT_PROVIDERS)
+    providers = [PROVIDERS[name] for name in names if run.on_gpu or not PROVIDERS[name].needs_cuda]
+    skipped = [name for name in names if not run.on_gpu and PROVIDERS[name].needs_cuda]
+    causal_values = [c == "true" for c in (args.causal or (["true", "false"] if run.on_gpu else ["true"]))]
+    ceiling = harness.matmul_tflops(run.device) if run.on_gpu else None
     if ceiling is not None:
         print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s (8192^3)", flush=True)
     print(f"scaling_factor {SCALING_FACTOR}, base {BASE}, rotate-half, MHA, bshd; providers: "
@@ -490,34 +412,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     for dtype_name in args.dtypes:
-        for family in families:
+        for family in run.families:
             for causal in causal_values:
                 seqs = args.tokens or (family.quick_seqs if args.quick else family.seqs)
-                group = run_group(family, seqs, dtype_name, causal, args.modes, providers, device=device,
-                                  budget=budget, on_gpu=on_gpu)
+                group = run_group(family, seqs, dtype_name, causal, args.modes, providers, device=run.device,
+                                  budget=run.budget, on_gpu=run.on_gpu)
                 rows.extend(group)
+                harness.save_rows(run, group)
                 print(f"\n{family.name} (heads {family.n_heads}, head_dim {family.head_dim}, "
                       f"{family.tokens_per_batch} tokens per batch), {dtype_name}, causal={causal}:", flush=True)
                 print(harness.format_table(group, TABLE_COLUMNS), flush=True)
-                for row in group:
-                    if row["status"] != "ok":
-                        print(f"  {row['provider']} {row['mode']} at {row['tokens']}: {row['status']}: "
-                              f"{row['note']}", flush=True)
+                harness.print_problems(group)
     for p in providers:
         print(f"  {p.name}: {p.note}", flush=True)
     for point in memory_scaling(rows):
         print(f"  pi_kernels fwd+bwd peak at {point['family']} seq {point['tokens']} (batch {point['batch']}): "
               f"{point['peak_mib']:.0f} MiB, {point['kib_per_token']:.1f} KiB per token", flush=True)
-    if on_gpu:
-        misses = [r for r in rows if r["target"] not in (None, "ok")]
+    misses = [r for r in rows if r["target"] not in (None, "ok")]
+    if run.on_gpu:
         print(f"pi_kernels targets: {'met in every cell' if not misses else f'missed in {len(misses)} cell(s)'}",
               flush=True)
+    harness.finish_run(
+        run,
+        args,
+        rows,
+        key_cols=("family", "causal", "mode", "dtype", "tokens", "provider"),
+        summary=_summary,
+        extra={
+            "matmul_bf16_tflops": ceiling,
+            "pi_kernels_target_misses": [
+                {k: r[k] for k in ("family", "causal", "dtype", "tokens", "mode", "target")} for r in misses
+            ],
+            "pi_kernels_memory": memory_scaling(rows),
+        },
+        plot={"y_col": "tflops", "ceiling_col": "", "panel_cols": ("mode", "dtype", "family", "causal"),
+              "title": f"{OP} - {run.env['device']}"},
+    )
     failed = [r for r in rows if r["provider"] == "pi_kernels" and r["status"] not in ("ok", "skipped")]
-
-    out_root = args.out or (harness.RESULTS_ROOT if on_gpu else None)
-    if out_root is not None and rows:
-        _write_outputs(out_root, env, rows, args, ceiling, time.perf_counter() - started)
-    print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
     return 1 if failed else 0
 
 

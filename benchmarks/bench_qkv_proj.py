@@ -24,10 +24,7 @@ than ``matmul``'s forward, backward ≤ 5% slower than its backward.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +39,11 @@ except ImportError:  # run as a script: this folder, not the repository root, is
 OP = "qkv_proj_rotary"
 SCALING_FACTOR = 4.0
 BASE = 10000.0
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {name: harness.DTYPES[name] for name in ("bf16", "fp16")}
 # Relative-norm error against float64: a few units of the dtype's rounding for a correct op (K-long fp32
 # accumulations included), far below the O(1) error of a wrong rotation, split or scaling.
 PARITY_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 TARGET = {"fwd": 1.03, "bwd": 1.05}  # pi_kernels time / matmul time, at most
-NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
 
 
 @dataclass(frozen=True)
@@ -80,18 +75,7 @@ CPU_FAMILIES = (
 )
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Timing parameters passed to :func:`benchmarks.harness.measure`."""
-
-    warmup_ms: float
-    rep_ms: float
-    min_reps: int = 3
-
-
-GPU_BUDGET = Budget(25.0, 100.0)
-GPU_QUICK_BUDGET = Budget(10.0, 40.0)
-CPU_BUDGET = Budget(0.0, 0.0, 2)
+CPU_BUDGET = harness.Budget(0.0, 0.0, 2)
 
 Outputs = Sequence[torch.Tensor]
 FwdFn = Callable[[torch.Tensor, torch.Tensor], Outputs]
@@ -156,49 +140,17 @@ PROVIDERS = {
 }
 
 
-def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        unknown = [item for item in items if item not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
-        return items
-
-    return parse
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from exc
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"positive integers expected, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    families = [f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)]
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_qkv_proj", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="GPU: two sizes, shorter timing (CPU is always quick)")
-    parser.add_argument(
-        "--out", metavar="DIR", help="results root (default: benchmarks/results on a GPU; nothing written on CPU)"
+    parser = harness.bench_parser(
+        "benchmarks.bench_qkv_proj",
+        __doc__,
+        providers=list(PROVIDERS),
+        families=[f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)],
+        dtypes=list(DTYPES),
+        dtype_default=("bf16",),
     )
-    parser.add_argument("--providers", type=_csv(list(PROVIDERS)), help=f"subset of {','.join(PROVIDERS)}")
-    parser.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="subset of " + ",".join(MODES))
-    parser.add_argument("--dtypes", type=_csv(list(DTYPES)), default=["bf16"], help="subset of bf16,fp16")
-    parser.add_argument("--families", type=_csv(families), help="shape families (default: all for the device)")
-    parser.add_argument("--tokens", type=_ints, help="token counts replacing each family's sweep, e.g. 4096,32768")
     return parser.parse_args(argv)
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64; inf when out is not finite."""
-    out = out.detach().double()
-    if not torch.isfinite(out).all():
-        return math.inf
-    return float((out - ref).norm() / ref.norm())
 
 
 @dataclass
@@ -223,9 +175,9 @@ def parity(fwd: FwdFn, x: torch.Tensor, weight: torch.Tensor, upstream: Outputs,
     """Largest relative error of the outputs ("fwd") and of the x and weight gradients ("bwd")."""
     x_in, w_in = x.clone().requires_grad_(), weight.clone().requires_grad_()
     outs = fwd(x_in, w_in)
-    fwd_error = max(_rel_error(out, r) for out, r in zip(outs, ref.outputs, strict=True))
+    fwd_error = max(harness.rel_error(out, r) for out, r in zip(outs, ref.outputs, strict=True))
     torch.autograd.backward(outs, list(upstream))
-    bwd_error = max(_rel_error(x_in.grad, ref.grad_x), _rel_error(w_in.grad, ref.grad_weight))
+    bwd_error = max(harness.rel_error(x_in.grad, ref.grad_x), harness.rel_error(w_in.grad, ref.grad_weight))
     return {"fwd": fwd_error, "bwd": bwd_error, "fwd+bwd": max(fwd_error, bwd_error)}
 
 
@@ -240,17 +192,6 @@ def timed_call(
         outs = fwd(x_in, w_in)
         return (lambda: torch.autograd.backward(outs, list(upstream), retain_graph=True)), [x_in, w_in]
     return (lambda: torch.autograd.backward(fwd(x_in, w_in), list(upstream))), [x_in, w_in]
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _row(family: Family, provider: Provider, mode: str, dtype_name: str, n_tokens: int, ceiling: float | None):
@@ -273,7 +214,7 @@ def run_group(
     providers: Sequence[Provider],
     *,
     device: torch.device,
-    budget: Budget,
+    budget: harness.Budget,
     ceiling_tflops: float | None,
     on_gpu: bool,
 ) -> list[dict[str, Any]]:
@@ -293,37 +234,42 @@ def run_group(
         ref = reference(family, x, weight, upstream) if any(p.same_op for p in providers) else None
         for p in providers:
             grads = upstream if p.same_op else [projected_grad]
-            cells = {mode: _row(family, p, mode, dtype_name, n_tokens, ceiling_tflops) for mode in modes}
-            try:
-                fwd = p.build(family)
-                errors = parity(fwd, x, weight, grads, ref) if p.same_op else None
-            except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
-                for row in cells.values():
-                    row.update(status="error", note=_short(exc))
-                rows.extend(cells.values())
-                _free(device)
-                continue
-            for mode, row in cells.items():
-                if errors is not None:
-                    row["parity"] = errors[mode]
-                    if not errors[mode] <= PARITY_TOL[dtype]:
-                        row.update(status="parity-fail", note=f"parity {errors[mode]:.2e} > {PARITY_TOL[dtype]:.0e}")
-                        continue
-                fn, reset = timed_call(fwd, x, weight, grads, mode)
-                timing = harness.measure(
-                    fn, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms, grad_to_none=reset, min_reps=budget.min_reps
-                )
-                del fn, reset
-                row.update(
-                    median_ms=timing.median_ms,
-                    p20_ms=timing.p20_ms,
-                    p80_ms=timing.p80_ms,
-                    tflops=row["flops"] / (timing.median_ms * 1e-3) / 1e12,
-                )
-            rows.extend(cells.values())
+            rows += _run_provider(p, family, n_tokens, dtype_name, modes, (x, weight, grads), ref,
+                                  budget=budget, ceiling_tflops=ceiling_tflops)
         _fill_ratios([r for r in rows if r["tokens"] == n_tokens], on_gpu)
-        del x, weight, upstream, projected_grad, ref
-        _free(device)
+        harness.free_memory(device)
+    return rows
+
+
+def _run_provider(provider: Provider, family: Family, n_tokens: int, dtype_name: str, modes: Sequence[str],
+                  inputs: tuple[torch.Tensor, torch.Tensor, Outputs], ref: Reference | None, *,
+                  budget: harness.Budget, ceiling_tflops: float | None) -> list[dict[str, Any]]:
+    """Check and time one provider in every mode on ``inputs`` (x, weight, upstream gradients)."""
+    rows = [_row(family, provider, mode, dtype_name, n_tokens, ceiling_tflops) for mode in modes]
+    try:
+        fwd = provider.build(family)
+    except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
+        for row in rows:
+            row.update(status="error", note=harness.short_error(exc))
+        return rows
+    errors: dict[str, float] = {}
+
+    def check(mode: str) -> float:
+        if not errors:  # one forward and backward gives the errors of every mode
+            errors.update(parity(fwd, *inputs, ref))
+        return errors[mode]
+
+    for row in rows:
+        mode = row["mode"]
+        timing = harness.check_then_time(
+            row,
+            check=(lambda mode=mode: check(mode)) if provider.same_op else None,
+            tol=PARITY_TOL[DTYPES[dtype_name]],
+            make_call=lambda mode=mode: timed_call(fwd, *inputs, mode),
+            budget=budget,
+        )
+        if timing is not None:
+            row["tflops"] = row["flops"] / (timing.median_ms * 1e-3) / 1e12
     return rows
 
 
@@ -366,54 +312,19 @@ SUMMARY_COLUMNS = (
 )
 
 
-def _write_outputs(out_root: str, env: dict[str, str], rows: list[dict[str, Any]], args: argparse.Namespace,
-                   ceiling: float | None, seconds: float) -> None:
-    folder = harness.results_dir(env, out_root)
-    csv_path = harness.append_results(folder / "qkv_proj.csv", rows, env)
-    stamp = env["date"].replace("-", "").replace(":", "").replace("+0000", "Z")
-    miss_fields = ("family", "tokens", "dtype", "mode", "vs_matmul")
-    misses = [{k: r[k] for k in miss_fields} for r in rows if r["target"] == "MISS"]
-    harness.write_json(
-        folder / f"qkv_proj-{stamp}.json",
-        {"environment": env, "args": vars(args), "matmul_bf16_tflops": ceiling, "seconds": seconds,
-         "rows": len(rows), "pi_kernels_target_misses": misses},
-    )
-    # Plot and summary cover the latest measurement of every cell in the CSV, so split runs add up.
-    latest = harness.latest_rows(harness.read_results(csv_path), ("family", "mode", "dtype", "tokens", "provider"))
-    png = harness.plot_bandwidth(latest, folder / "qkv_proj.png", y_col="tflops", ceiling_col="ceiling_tflops",
-                                 title=f"{OP} - {env['device']}")
-    largest = {}
-    for row in latest:
-        key = (row["family"], row["dtype"])
-        largest[key] = max(largest.get(key, 0), int(row["tokens"]))
-    summary_rows = [r for r in latest if int(r["tokens"]) == largest[(r["family"], r["dtype"])]]
-    summary = harness.format_table(summary_rows, SUMMARY_COLUMNS, markdown=True)
-    (folder / "qkv_proj-summary.md").write_text(summary + "\n")
-    print(f"\nwrote {csv_path}, {png} and {folder / 'qkv_proj-summary.md'}", flush=True)
+def _summary(csv_path, latest) -> str:
+    """The README table: every provider at the largest size of each family and dtype."""
+    return harness.format_table(harness.largest_rows(latest, ("family", "dtype")), SUMMARY_COLUMNS, markdown=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return 1 if pi_kernels failed parity or raised, else 0."""
     args = parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not harness.interpreter_mode()
-    if not on_gpu:
-        print(NO_GPU_LINE, flush=True)
-        # Must be set before pi_kernels defines its kernels (its first import happens in a provider's build).
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cuda" if on_gpu else "cpu")
-    budget = (GPU_QUICK_BUDGET if args.quick else GPU_BUDGET) if on_gpu else CPU_BUDGET
-    available = GPU_FAMILIES if on_gpu else CPU_FAMILIES
-    families = [f for f in available if not args.families or f.name in args.families]
-    if not families:
-        raise SystemExit(f"no shape family of this device matches --families (here: "
-                         f"{', '.join(f.name for f in available)})")
+    run = harness.start_run(
+        OP, "qkv_proj", args, gpu_families=GPU_FAMILIES, cpu_families=CPU_FAMILIES, cpu_budget=CPU_BUDGET
+    )
     providers = [PROVIDERS[name] for name in (args.providers or list(PROVIDERS))]
-
-    env = harness.environment()
-    started = time.perf_counter()
-    print(f"{OP} benchmark on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"python {env['python']} | commit {env['commit'] or '-'}", flush=True)
-    ceiling = harness.matmul_tflops(device) if on_gpu else None
+    ceiling = harness.matmul_tflops(run.device) if run.on_gpu else None
     if ceiling is not None:
         print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s (8192^3)", flush=True)
     print(f"scaling_factor {SCALING_FACTOR}, base {BASE}, rotate-half, batch 1, fused weight; providers: "
@@ -421,30 +332,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     for dtype_name in args.dtypes:
-        for family in families:
+        for family in run.families:
             tokens = args.tokens or (family.quick_tokens if args.quick else family.tokens)
-            group = run_group(family, tokens, dtype_name, args.modes, providers, device=device, budget=budget,
-                              ceiling_tflops=ceiling, on_gpu=on_gpu)
+            group = run_group(family, tokens, dtype_name, args.modes, providers, device=run.device,
+                              budget=run.budget, ceiling_tflops=ceiling, on_gpu=run.on_gpu)
             rows.extend(group)
+            harness.save_rows(run, group)
             print(f"\n{family.name} (hidden {family.hidden}, heads {family.n_heads}/{family.n_kv_heads}, "
                   f"head_dim {family.head_dim}), {dtype_name}:", flush=True)
             print(harness.format_table(group, TABLE_COLUMNS), flush=True)
-            for row in group:
-                if row["status"] != "ok":
-                    print(f"  {row['provider']} {row['mode']} at {row['tokens']}: {row['status']}: {row['note']}",
-                          flush=True)
+            harness.print_problems(group)
     for p in providers:
         print(f"  {p.name}: {p.note}", flush=True)
-    if on_gpu:
-        misses = [r for r in rows if r["target"] == "MISS"]
+    misses = [r for r in rows if r["target"] == "MISS"]
+    if run.on_gpu:
         print(f"pi_kernels targets (fwd ≤ {TARGET['fwd']:.2f}x, bwd ≤ {TARGET['bwd']:.2f}x the bare GEMMs): "
               f"{'met in every cell' if not misses else f'missed in {len(misses)} cell(s)'}", flush=True)
+    harness.finish_run(
+        run,
+        args,
+        rows,
+        key_cols=("family", "mode", "dtype", "tokens", "provider"),
+        summary=_summary,
+        extra={
+            "matmul_bf16_tflops": ceiling,
+            "pi_kernels_target_misses": [
+                {k: r[k] for k in ("family", "tokens", "dtype", "mode", "vs_matmul")} for r in misses
+            ],
+        },
+        plot={"y_col": "tflops", "ceiling_col": "ceiling_tflops", "title": f"{OP} - {run.env['device']}"},
+    )
     failed = [r for r in rows if r["provider"] == "pi_kernels" and r["status"] != "ok"]
-
-    out_root = args.out or (harness.RESULTS_ROOT if on_gpu else None)
-    if out_root is not None and rows:
-        _write_outputs(out_root, env, rows, args, ceiling, time.perf_counter() - started)
-    print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
     return 1 if failed else 0
 
 

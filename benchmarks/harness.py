@@ -1,8 +1,12 @@
-"""Shared benchmark harness: timing, hardware ceilings, environment, results files, plots and tables.
+"""Shared benchmark harness: the runner, timing, hardware ceilings, environment, results files, plots and tables.
 
-Every benchmark script (rotary now; fused QKV projection and attention later) uses these helpers so that
-all results are measured, stored and reported the same way:
+Every benchmark script (``bench_rotary``, ``bench_kv_cache``, ``bench_qkv_proj``, ``bench_attention``) and
+``gpu_check`` use these helpers, so that all results are measured, stored and reported the same way:
 
+* :func:`bench_parser` and :func:`start_run` are the common command line and set-up (device, interpreter, budget,
+  shape families, environment header); :func:`check_then_time` is the parity-then-time step of every cell;
+  :func:`save_rows` appends a group's rows as soon as it is measured, :func:`finish_run` writes the run's JSON,
+  plot and summary table;
 * :func:`measure` times a callable (``triton.testing.do_bench`` on a GPU, a wall-clock loop otherwise);
 * :func:`copy_bandwidth_gbs` and :func:`matmul_tflops` measure the ceilings in the same run;
 * :func:`environment` and :func:`append_results` stamp and store rows under ``benchmarks/results/<slug>/``;
@@ -14,9 +18,12 @@ importing the harness and before the kernels are defined.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
+import gc
 import json
+import math
 import os
 import platform
 import re
@@ -38,6 +45,22 @@ CPU_SLUG = "cpu-interpreter"
 _CPU_SUFFIX = "CPU (Triton interpreter)"
 # Bounds the wall-clock loop when a call is very cheap; the quantiles are stable long before this.
 _MAX_WALLCLOCK_REPS = 1000
+NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Timing parameters passed to :func:`measure`."""
+
+    warmup_ms: float
+    rep_ms: float
+    min_reps: int = 3
+
+
+GPU_BUDGET = Budget(25.0, 100.0)
+GPU_QUICK_BUDGET = Budget(10.0, 40.0)
 
 
 @dataclass(frozen=True)
@@ -575,3 +598,320 @@ def readme_table(
     columns += [(name, f"{name} GB/s") for name in providers]
     columns += [("frac", f"{primary} / copy"), ("ratio", f"{primary} vs best other")]
     return format_table(table_rows, columns, markdown=True)
+
+
+# ---- the runner every benchmark script shares ----
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; inf when ``out`` is not finite."""
+    out = out.detach().double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm())
+
+
+def short_error(exc: BaseException) -> str:
+    """One line of at most 160 characters naming an exception, for a results row."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what the last cell left behind, so the next (larger) one does not run out of memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def csv_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
+        return items
+
+    return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers."""
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from exc
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"positive integers expected, got {text!r}")
+    return values
+
+
+def bench_parser(
+    module: str,
+    doc: str,
+    *,
+    providers: Sequence[str] | None,
+    families: Sequence[str],
+    dtypes: Sequence[str],
+    dtype_default: Sequence[str] | None,
+    modes: Sequence[str] | None = MODES,
+    sizes: bool = True,
+) -> argparse.ArgumentParser:
+    """The options every benchmark script takes; a script adds its own to the parser returned.
+
+    Parameters
+    ----------
+    module : str
+        The script's module, e.g. ``"benchmarks.bench_rotary"`` (the usage line).
+    doc : str
+        The script's docstring; its first line is the description.
+    providers, families, dtypes, modes : sequence of str
+        The names ``--providers``, ``--families``, ``--dtypes`` and ``--modes`` accept (``providers`` or ``modes``
+        None: the script has no such choice, and no option).
+    dtype_default : sequence of str or None
+        ``--dtypes`` when not given (None: the script decides).
+    sizes : bool, optional
+        Whether the script takes ``--tokens`` (sizes replacing each family's sweep).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        With ``--quick``, ``--out``, ``--dtypes``, ``--families`` and, as asked, ``--providers``, ``--modes`` and
+        ``--tokens``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="GPU: fewer sizes, shorter timing (CPU is always quick)")
+    parser.add_argument(
+        "--out", metavar="DIR", help="results root (default: benchmarks/results on a GPU; nothing written on CPU)"
+    )
+    if providers is not None:
+        parser.add_argument("--providers", type=csv_choices(list(providers)), help=f"subset of {','.join(providers)}")
+    if modes is not None:
+        parser.add_argument(
+            "--modes", type=csv_choices(modes), default=list(modes), help="subset of " + ",".join(modes)
+        )
+    parser.add_argument(
+        "--dtypes",
+        type=csv_choices(list(dtypes)),
+        default=None if dtype_default is None else list(dtype_default),
+        help=f"subset of {','.join(dtypes)}" + (f" (default {','.join(dtype_default)})" if dtype_default else ""),
+    )
+    parser.add_argument("--families", type=csv_choices(list(families)), help="shape families (default: all here)")
+    if sizes:
+        parser.add_argument("--tokens", type=positive_ints, help="sizes replacing each family's sweep, e.g. 4096,16384")
+    return parser
+
+
+@dataclass
+class BenchRun:
+    """What one benchmark invocation runs on, made by :func:`start_run`.
+
+    Attributes
+    ----------
+    op : str
+        The op benchmarked, as printed.
+    name : str
+        Stem of the results files: ``<name>.csv``, ``<name>-<UTC stamp>.json``, ``<name>.png``,
+        ``<name>-summary.md``.
+    on_gpu : bool
+        Kernels run compiled on a GPU (else under Triton's interpreter on CPU).
+    device : torch.device
+        Where the tensors live.
+    budget : Budget
+        Timing parameters of every cell.
+    families : list
+        The shape families to run (the script's own dataclass), filtered by ``--families``.
+    env : dict of str to str
+        :func:`environment`, stamped on every row.
+    folder : pathlib.Path or None
+        Results folder ``<out>/<device slug>/``; None when nothing is written (CPU without ``--out``).
+    started : float
+        ``time.perf_counter()`` at the start.
+    """
+
+    op: str
+    name: str
+    on_gpu: bool
+    device: torch.device
+    budget: Budget
+    families: list[Any]
+    env: dict[str, str]
+    folder: Path | None
+    started: float
+
+
+def start_run(
+    op: str,
+    name: str,
+    args: argparse.Namespace,
+    *,
+    gpu_families: Sequence[Any],
+    cpu_families: Sequence[Any],
+    cpu_budget: Budget,
+) -> BenchRun:
+    """Choose the device, the budget and the families, and print the run's header.
+
+    Without a GPU this prints :data:`NO_GPU_LINE` and sets ``TRITON_INTERPRET=1``, which must happen before
+    ``pi_kernels`` defines its kernels: scripts import it lazily, in their providers' builders.
+
+    Raises
+    ------
+    SystemExit
+        When no family of this device matches ``--families``.
+    """
+    on_gpu = torch.cuda.is_available() and not interpreter_mode()
+    if not on_gpu:
+        print(NO_GPU_LINE, flush=True)
+        os.environ["TRITON_INTERPRET"] = "1"
+    available = list(gpu_families if on_gpu else cpu_families)
+    families = [f for f in available if not args.families or f.name in args.families]
+    if not families:
+        names = ", ".join(f.name for f in available)
+        raise SystemExit(f"no shape family of this device matches --families (here: {names})")
+    env = environment()
+    out_root = args.out or (RESULTS_ROOT if on_gpu else None)
+    print(
+        f"{op} benchmark on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+        f"python {env['python']} | commit {env['commit'] or '-'}",
+        flush=True,
+    )
+    return BenchRun(
+        op=op,
+        name=name,
+        on_gpu=on_gpu,
+        device=torch.device("cuda" if on_gpu else "cpu"),
+        budget=(GPU_QUICK_BUDGET if args.quick else GPU_BUDGET) if on_gpu else cpu_budget,
+        families=families,
+        env=env,
+        folder=None if out_root is None else results_dir(env, out_root),
+        started=time.perf_counter(),
+    )
+
+
+def check_then_time(
+    row: dict[str, Any],
+    *,
+    check: Callable[[], float | None] | None,
+    tol: float,
+    make_call: Callable[[], tuple[Callable[[], Any], Sequence[torch.Tensor] | None]],
+    budget: Budget,
+    after: Callable[[Callable[[], Any]], None] | None = None,
+) -> Timing | None:
+    """The step of every cell: parity against the float64 reference, then timing if it passed.
+
+    Parameters
+    ----------
+    row : dict
+        The cell's results row; gets ``parity``, and ``median_ms``, ``p20_ms``, ``p80_ms`` when timed, or
+        ``status`` ``"parity-fail"``/``"error"`` and a ``note``.
+    check : callable or None
+        Returns the relative error of the cell's outputs (None: not checked at this size); None for a baseline
+        that computes another function (a bare GEMM).
+    tol : float
+        Largest relative error that passes.
+    make_call : callable
+        Returns the callable to time and the tensors whose grads are reset between repetitions.
+    budget : Budget
+        Passed to :func:`measure`.
+    after : callable, optional
+        Called with the timed callable after timing (e.g. to measure its peak memory), inside the error handling.
+
+    Returns
+    -------
+    Timing or None
+        None when the cell failed parity or raised (a result to report, never an exception).
+    """
+    try:
+        if check is not None:
+            row["parity"] = check()
+            if row["parity"] is not None and not row["parity"] <= tol:
+                row.update(status="parity-fail", note=f"parity {row['parity']:.2e} > {tol:.0e}: not timed")
+                return None
+        fn, grads = make_call()
+        timing = measure(
+            fn, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms, grad_to_none=grads, min_reps=budget.min_reps
+        )
+        if after is not None:
+            after(fn)
+    except Exception as exc:  # noqa: BLE001 - a provider's failure (compile error, OOM, ...) is a result
+        row.update(status="error", note=short_error(exc))
+        return None
+    row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
+    return timing
+
+
+def print_problems(rows: Sequence[Mapping[str, Any]]) -> None:
+    """Print why cells were not timed, once per distinct (provider, mode, status, reason)."""
+    first: dict[tuple[str, ...], Any] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            first.setdefault((r["provider"], r["mode"], r["status"], r["note"]), r["tokens"])
+    for (provider, mode, status, note), tokens in first.items():
+        print(f"  {provider} {mode}: {status} from {tokens} tokens: {note}", flush=True)
+
+
+def save_rows(run: BenchRun, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append a measured group to ``<folder>/<name>.csv`` at once, so a run cut short keeps what finished."""
+    if run.folder is not None and rows:
+        append_results(run.folder / f"{run.name}.csv", rows, run.env)
+
+
+def largest_rows(rows: Iterable[Mapping[str, Any]], group_cols: Sequence[str]) -> list[Mapping[str, Any]]:
+    """Keep, in each group of ``group_cols``, the rows of its largest ``tokens``."""
+    rows = list(rows)
+    largest: dict[tuple[str, ...], float] = {}
+    for row in rows:
+        key = tuple(str(row.get(c, "")) for c in group_cols)
+        largest[key] = max(largest.get(key, 0.0), as_float(row["tokens"]) or 0.0)
+    return [r for r in rows if (as_float(r["tokens"]) or 0.0) == largest[tuple(str(r.get(c, "")) for c in group_cols)]]
+
+
+def finish_run(
+    run: BenchRun,
+    args: argparse.Namespace,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key_cols: Sequence[str],
+    summary: Callable[[Path, list[Mapping[str, Any]]], str],
+    extra: Mapping[str, Any] | None = None,
+    plot: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the run's JSON and rebuild its plot and summary table from the latest cells of the CSV.
+
+    Parameters
+    ----------
+    run : BenchRun
+        The run; nothing is written when its ``folder`` is None.
+    args : argparse.Namespace
+        The command line, recorded in the JSON.
+    rows : sequence of mapping
+        This run's rows (already appended by :func:`save_rows`).
+    key_cols : sequence of str
+        Columns that identify a cell: the plot and summary use each cell's latest measurement, so split runs
+        add up.
+    summary : callable
+        ``summary(csv_path, latest_rows)`` returns the markdown table written to ``<name>-summary.md``.
+    extra : mapping, optional
+        More fields for the JSON (ceilings, target misses, ...).
+    plot : mapping, optional
+        Keyword arguments of :func:`plot_bandwidth` for ``<name>.png``; no plot when omitted.
+    """
+    seconds = time.perf_counter() - run.started
+    if run.folder is not None and rows:
+        csv_path = run.folder / f"{run.name}.csv"
+        stamp = run.env["date"].replace("-", "").replace(":", "").replace("+0000", "Z")
+        write_json(
+            run.folder / f"{run.name}-{stamp}.json",
+            {"environment": run.env, "args": vars(args), "seconds": seconds, "rows": len(rows), **(extra or {})},
+        )
+        latest = latest_rows(read_results(csv_path), key_cols)
+        written = [csv_path]
+        if plot is not None:
+            written.append(plot_bandwidth(latest, run.folder / f"{run.name}.png", **plot))
+        table = summary(csv_path, latest)
+        (run.folder / f"{run.name}-summary.md").write_text(table + "\n")
+        written.append(run.folder / f"{run.name}-summary.md")
+        print(f"\nwrote {', '.join(str(p) for p in written)}:\n{table}", flush=True)
+    print(f"done in {time.perf_counter() - run.started:.1f} s", flush=True)

@@ -1,4 +1,5 @@
-"""Fast CPU tests of the benchmark harness, the rotary peer adapters and an end-to-end quick bench run.
+"""Fast CPU tests of the benchmark harness and the rotary peer adapters (the end-to-end runs of every benchmark
+script are in tests/test_gpu_check.py, through gpu_check's dry run).
 
 The peers (Liger, FlashInfer, flash-attn) need a GPU, so their adapters are checked here against small stand-in
 modules that implement each library's documented contract (layouts, cache shapes, what ``rope_scale`` means):
@@ -6,7 +7,6 @@ a wrong transpose, cache shape or scale in an adapter fails parity on CPU before
 """
 
 import sys
-import time
 import types
 
 import pytest
@@ -210,13 +210,13 @@ def test_peer_adapter_matches_reference(fake_peers, name, dtype):
     provider = bench_rotary.PROVIDERS[name]
     q, k, gq, gk = _inputs(dtype)
     fwd = provider.build(q.shape[1], q.shape[3], dtype, torch.device("cpu"))
-    modes = bench_rotary.MODES if provider.backward else ("fwd",)
+    modes = harness.MODES if provider.backward else ("fwd",)
     for mode in modes:
         err = bench_rotary.parity(fwd, q, k, gq, gk, mode)
         assert err <= bench_rotary.PARITY_TOL[dtype], (name, mode, err)
 
 
-def _run_group(providers, dtype_name="fp32", modes=bench_rotary.MODES):
+def _run_group(providers, dtype_name="fp32", modes=harness.MODES):
     family = bench_rotary.Family("t", 4, 2, 16, (32,), (32,))
     return bench_rotary.run_group(
         family,
@@ -225,7 +225,7 @@ def _run_group(providers, dtype_name="fp32", modes=bench_rotary.MODES):
         modes,
         providers,
         device=torch.device("cpu"),
-        budget=bench_rotary.Budget(0.0, 0.0, 1),
+        budget=harness.Budget(0.0, 0.0, 1),
         ceiling_gbs=10.0,
         on_gpu=False,
     )
@@ -243,7 +243,7 @@ def test_run_group_reports_unsupported_and_does_not_time_parity_failures(fake_pe
     assert rows[("eager", "fwd")]["status"] == "ok" and rows[("eager", "fwd")]["median_ms"] > 0
     assert rows[("eager", "fwd+bwd")]["bytes"] == 2 * rows[("eager", "fwd")]["bytes"] == 4 * (32 * 6 * 16) * 4
     assert rows[("flashinfer", "fwd")]["status"] == "unsupported"  # fp32: FlashInfer is fp16/bf16 only
-    for mode in bench_rotary.MODES:
+    for mode in harness.MODES:
         assert rows[("wrong", mode)]["status"] == "parity-fail"
         assert rows[("wrong", mode)]["median_ms"] is None and rows[("wrong", mode)]["parity"] > 0.01
     bf16 = _run_group(providers, "bf16")
@@ -253,27 +253,3 @@ def test_run_group_reports_unsupported_and_does_not_time_parity_failures(fake_pe
     assert by_key[("flashinfer", "bwd")]["note"] == "forward only (no autograd)"
     fwd_cell = [r for r in bf16 if r["mode"] == "fwd" and r["median_ms"] is not None]
     assert {r["best_other"] for r in fwd_cell} == {"eager", "flashinfer"}
-
-
-def test_bench_rotary_quick_end_to_end(tmp_path, capsys):
-    argv = ["--quick", "--out", str(tmp_path)]
-    if harness.gpu_available():  # keep the GPU variant of this test short too
-        argv += ["--providers", "pi_kernels,eager", "--tokens", "1024", "--dtypes", "bf16"]
-    start = time.perf_counter()
-    assert bench_rotary.main(argv) == 0
-    elapsed = time.perf_counter() - start
-    out = capsys.readouterr().out
-    if not harness.gpu_available():
-        assert bench_rotary.NO_GPU_LINE in out
-        assert elapsed < 60, f"quick interpreter run took {elapsed:.0f} s"
-    # Table rows: family tokens dtype mode provider ... parity status.
-    pi_rows = [f for f in (line.split() for line in out.splitlines()) if len(f) > 5 and f[4] == "pi_kernels"]
-    assert pi_rows and all(f[-1] == "ok" for f in pi_rows), out
-    for fields in pi_rows:
-        assert float(fields[-2]) < 1e-2  # the parity column
-    folder = harness.results_dir(harness.environment(), tmp_path)
-    rows = harness.read_results(folder / "rotary.csv")
-    assert {r["provider"] for r in rows} >= {"pi_kernels", "eager"}
-    assert all(r["parity"] for r in rows if r["provider"] == "pi_kernels")
-    assert (folder / "rotary.png").stat().st_size > 0 and (folder / "rotary-summary.md").exists()
-    assert len(list(folder.glob("rotary-*.json"))) == 1

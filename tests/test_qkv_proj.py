@@ -410,7 +410,7 @@ def test_benchmark_quick_run(device, tmp_path, capsys):
     assert bench_qkv_proj.main(argv) == 0
     out = capsys.readouterr().out
     if device.type != "cuda":
-        assert bench_qkv_proj.NO_GPU_LINE in out
+        assert harness.NO_GPU_LINE in out
     rows = harness.read_results(harness.results_dir(harness.environment(), tmp_path) / "qkv_proj.csv")
     assert {row["provider"] for row in rows} == set(bench_qkv_proj.PROVIDERS)
     assert all(row["status"] == "ok" and row["median_ms"] for row in rows), [r for r in rows if r["status"] != "ok"]

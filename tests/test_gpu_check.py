@@ -1,0 +1,96 @@
+"""gpu_check's dry run end to end (every stage it can run without a GPU), and its time boxes.
+
+The dry run is what keeps the one GPU command from dying on a typo: it runs the stages with the interpreter and
+tiny shapes (test collection, the every-kernel script, every benchmark script), parses the GPU command lines of
+the benchmarks, and writes the same files as on a GPU, ``$OUT`` included.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_check, harness
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One dry run for the module's tests: (return code, stdout, results folder, $OUT folder, seconds)."""
+    root = tmp_path_factory.mktemp("gpu_check")
+    out = root / "OUT"
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("TRITON_INTERPRET", None)  # gpu_check sets it for its dry run by itself
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(root / "res")],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    folder = root / "res" / harness.CPU_SLUG
+    return result.returncode, result.stdout + result.stderr, folder, out, seconds
+
+
+def test_dry_run_passes_every_stage(dry_run):
+    rc, output, folder, _, seconds = dry_run
+    assert rc == 0, output[-5000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["dry_run"] is True and set(summary["stages"]) == set(gpu_check.STAGES)
+    for name, stage in summary["stages"].items():
+        assert stage["status"] in ("ok", "skipped"), (name, stage)
+    assert summary["stages"]["build"]["status"] == "skipped"
+    assert summary["stages"]["tests"]["triton"]["collected"] > 100  # every kernel test file collects
+    assert "0 failure(s)" in (folder / "logs" / "sanitizer-dry-run.log").read_text()
+    bench = summary["stages"]["bench"]
+    assert {bench[name]["status"] for name, *_ in gpu_check.BENCHES} <= {"ok", "skipped"}
+    assert summary["environment"]["device"].endswith("CPU (Triton interpreter)")
+    assert "all stages ok" in output.splitlines()[-1]
+    print(f"dry run: {seconds:.0f} s")  # the budget is about a minute on 2 idle cores; see the README
+
+
+def test_dry_run_writes_every_benchmark_with_parity(dry_run):
+    _, _, folder, _, _ = dry_run
+    for name, own in (("rotary", "pi_kernels"), ("kv_cache", "fused-triton"), ("qkv_proj", "pi_kernels"),
+                      ("attention", "pi_kernels")):
+        rows = harness.read_results(folder / f"{name}.csv")
+        mine = [r for r in rows if r["provider"] == own]
+        assert mine and all(r["status"] == "ok" and r["parity"] and r["median_ms"] for r in mine), (name, mine)
+        assert all(r["device"] and r["commit"] is not None and r["date"] for r in rows)
+        assert (folder / f"{name}-summary.md").read_text().startswith("|")
+        assert len(list(folder.glob(f"{name}-*T*.json"))) >= 1
+    assert [p.name for p in sorted(folder.glob("*.png"))] == sorted(gpu_check.PLOTS)
+    summary_md = (folder / "summary.md").read_text()
+    assert "DRY RUN" in summary_md and "## Headline figures" in summary_md and "## attention" in summary_md
+
+
+def test_dry_run_fills_out_with_at_most_eight_safe_names(dry_run):
+    _, output, _, out, _ = dry_run
+    names = sorted(p.name for p in out.iterdir())
+    assert set(names) == set(gpu_check.OUT_FILES) and len(names) <= 8
+    assert all(gpu_check.SAFE_NAME.match(name) and (out / name).is_file() for name in names)
+    rows = harness.read_results(out / "bench.csv")
+    assert {r["op"] for r in rows} == {"rotary_interp", "rotary_kv_cache_append", "qkv_proj_rotary", "attention_rotary"}
+    # The headline table is printed last: target, measured, ratio.
+    assert any(line.split()[:1] == ["what"] and "ratio" in line for line in output.splitlines()[-20:])
+
+
+def test_a_command_past_its_box_is_stopped(tmp_path):
+    ctx = gpu_check.Context(dry_run=True, folder=tmp_path, deadline=time.monotonic() + 60, env=dict(os.environ),
+                            summary={})
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);" \
+            " print('started', flush=True); time.sleep(60)"
+    start = time.perf_counter()
+    result = gpu_check.run_command(ctx, "sleeper", [sys.executable, "-c", child], box=2.0)
+    assert result["timed_out"] and result["rc"] is None and time.perf_counter() - start < 20
+    assert "started" in (tmp_path / result["log"]).read_text()
+
+
+def test_a_stage_gets_no_more_than_the_total_left(tmp_path):
+    ctx = gpu_check.Context(dry_run=True, folder=tmp_path, deadline=time.monotonic() + 5, env={}, summary={})
+    assert ctx.box(100.0) <= 5.0
+    ctx.deadline = time.monotonic() - 1
+    assert ctx.box(100.0) == 0.0
+    assert gpu_check.run_command(ctx, "late", ["true"], ctx.box(10.0))["timed_out"]
