@@ -293,10 +293,13 @@ def test_enable_disable_context_parallel():
         hf.disable_context_parallel(model)
     hf.enable_context_parallel(model)
     assert model.config._attn_implementation != implementation
+    with pytest.raises(ValueError, match="position_ids"):  # refused before any collective: no process group here
+        model(torch.zeros(1, 4, dtype=torch.int64), use_cache=False)
     with pytest.raises(ValueError, match="already enabled"):
         hf.enable_context_parallel(model)
     hf.disable_context_parallel(model)
     assert model.config._attn_implementation == implementation
+    model(torch.zeros(1, 4, dtype=torch.int64), use_cache=False)
     hf.enable_context_parallel(model)
     hf.unpatch_model(model)
     assert model.config._attn_implementation == implementation

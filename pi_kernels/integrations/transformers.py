@@ -18,6 +18,7 @@ q and k. ``dynamic`` and ``longrope`` (their frequencies change with the sequenc
 rope dicts and unknown types are refused with an error.
 """
 
+import inspect
 import math
 import sys
 import types
@@ -239,6 +240,7 @@ def patch_model(model, *, rotary=True, attention=False, qkv=False):
 class _ContextParallel:
     group: object                     # the torch.distributed group the sequence is sharded across
     attn_implementation: str          # the model's own, restored by disable_context_parallel
+    position_check: object            # handle of the model's forward pre-hook _require_position_ids
 
 
 _CONTEXT_PARALLEL_IMPLEMENTATION = "pi_kernels_context_parallel"
@@ -255,6 +257,13 @@ def _context_parallel_unfused(module, *args, **kwargs):
     """The HF attention interface under context parallelism, reached only by calls the fused op cannot take."""
     raise ValueError("context-parallel attention runs without KV cache (use_cache=False), attention dropout, "
                      "sliding window or packed sequences (cu_seq_lens_q)")
+
+
+def _require_position_ids(model, args, kwargs):
+    """Forward pre-hook: without ``position_ids`` HF would number a shard's tokens 0..seq/W−1, the wrong positions."""
+    if inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.get("position_ids") is None:
+        raise ValueError("a context-parallel model needs position_ids: this rank's positions in the whole sequence, "
+                         "pi_kernels.parallel.context_parallel_positions(seq_len, group)[None]")
 
 
 def _patches(model):
@@ -281,11 +290,21 @@ def enable_context_parallel(model, group=None):
     model
         The same object. Its ``attn_implementation`` is switched to one that builds no mask (HF would otherwise
         read the shard's non-contiguous positions as packed sequences); :func:`disable_context_parallel` restores it.
+        Calling it without ``position_ids`` is an error (HF's default, 0..seq/W−1, is wrong for a shard), and so is
+        a KV cache: pass ``use_cache=False``.
 
     Raises
     ------
     ValueError
         The model is not patched with ``attention=True``, or context parallelism is already on.
+
+    Examples
+    --------
+    >>> patch_model(model, attention=True)
+    >>> enable_context_parallel(model, cp_group)
+    >>> ids = pi_kernels.parallel.context_parallel_shard(input_ids, 1, cp_group)
+    >>> positions = pi_kernels.parallel.context_parallel_positions(input_ids.shape[1], cp_group, device=ids.device)
+    >>> logits = model(ids, position_ids=positions[None], use_cache=False).logits  # this rank's tokens
     """
     patches = _patches(model)
     if not patches or not all(patch.attention for patch in patches):
@@ -294,7 +313,8 @@ def enable_context_parallel(model, group=None):
         raise ValueError("context parallelism is already enabled on this model")
     AttentionInterface.register(_CONTEXT_PARALLEL_IMPLEMENTATION, _context_parallel_unfused)
     AttentionMaskInterface.register(_CONTEXT_PARALLEL_IMPLEMENTATION, _context_parallel_mask)
-    state = _ContextParallel(group, model.config._attn_implementation)
+    state = _ContextParallel(group, model.config._attn_implementation,
+                             model.register_forward_pre_hook(_require_position_ids, with_kwargs=True))
     model.set_attn_implementation(_CONTEXT_PARALLEL_IMPLEMENTATION)
     for patch in patches:
         patch.context_parallel = state
@@ -307,6 +327,7 @@ def disable_context_parallel(model):
     if not patches or patches[0].context_parallel is None:
         raise ValueError("context parallelism is not enabled on this model")
     model.set_attn_implementation(patches[0].context_parallel.attn_implementation)
+    patches[0].context_parallel.position_check.remove()
     for patch in patches:
         patch.context_parallel = None
     return model
