@@ -10,7 +10,7 @@ import importlib
 
 import torch
 
-from .ops._rope import position_pointer_and_strides
+from ._positions import position_pointer_and_strides
 
 __all__ = ["BACKENDS", "available", "kv_cache_append", "require", "resolve_backend", "rotary", "rotary_embedding"]
 
@@ -74,14 +74,14 @@ def rotary(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interlea
 
 
 def rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim, interleaved):
-    """The CUDA counterpart of ``inference._launch_rotary_embedding`` (in place; key4 may have 0 heads)."""
+    """The CUDA counterpart of ``ops.rotary_embedding.launch_rotary_embedding`` (in place; key4 may have 0 heads)."""
     torch.ops.pi_kernels_cuda.rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim,
                                                interleaved)
 
 
 def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim,
                     interleaved):
-    """The CUDA counterpart of ``inference._launch_cache_append``."""
+    """The CUDA counterpart of ``ops.kv_cache.launch_cache_append``."""
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, None)
     torch.ops.pi_kernels_cuda.kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, turns, ids, spec.mode,
                                               spec.offset, stride_pb, stride_ps, cache_index, paged, rotary_dim,

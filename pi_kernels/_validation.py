@@ -9,17 +9,14 @@ latency-critical code; they are skipped automatically while a CUDA stream is bei
 import math
 import numbers
 import weakref
-from dataclasses import dataclass
 
 import torch
+
+from ._positions import POSITIONS_ARANGE, POSITIONS_IDS, POSITIONS_OFFSETS, PositionSpec
 
 LAYOUTS = ("bshd", "bhsd", "sbhd", "thd")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TO_BSHD = {"bshd": (0, 1, 2, 3), "bhsd": (0, 2, 1, 3), "sbhd": (1, 0, 2, 3)}
-
-# How a kernel reads positions: 0 = arange + scalar offset, 1 = arange + offset per batch row (or per sequence for
-# packed input), 2 = explicit ids.
-POSITIONS_ARANGE, POSITIONS_OFFSETS, POSITIONS_IDS = 0, 1, 2
 
 _value_checks = {"enabled": True}
 # (weakref to the positions tensor last checked, its version): a tensor reused by every layer is checked once.
@@ -44,15 +41,6 @@ def to_bshd(x, layout):
     return x.permute(_TO_BSHD[layout])
 
 
-@dataclass(frozen=True)
-class PositionSpec:
-    """Resolved positions: ``mode`` is one of the POSITIONS_* kinds; ``ids`` the tensor (or None); ``offset`` int."""
-
-    mode: int
-    ids: torch.Tensor | None
-    offset: int
-
-
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -62,22 +50,32 @@ def check_layout(layout):
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def check_tensors(tensors):
+    """Check ``(name, tensor)`` pairs (None skipped): float16/bfloat16/float32 tensors of the first one's dtype and
+    device."""
+    tensors = [(name, x) for name, x in tensors if x is not None]
+    first_name, first = tensors[0]
+    for name, x in tensors:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name}.dtype ({x.dtype}) must match {first_name}.dtype ({first.dtype})")
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}; they must be on the "
+                             f"same device")
+
+
 def check_qk(q, k, layout):
     """Check q and k tensors for a layout; returns their (batch, seq, heads, dim) views."""
     check_layout(layout)
+    check_tensors((("q", q), ("k", k)))
     ndim = 3 if layout == "thd" else 4
     shape_doc = "(total_tokens, heads, head_dim)" if layout == "thd" else f"{layout} (4-D)"
     for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != ndim:
             raise ValueError(f"{name} must have shape {shape_doc} for layout={layout!r}, got {tuple(x.shape)}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}.dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k.dtype ({k.dtype}) must match q.dtype ({q.dtype})")
-    if k.device != q.device:
-        raise ValueError(f"k is on {k.device} but q is on {q.device}; they must be on the same device")
     q4, k4 = to_bshd(q, layout), to_bshd(k, layout)
     if q4.shape[:2] != k4.shape[:2]:
         what = "token count" if layout == "thd" else "batch and seq sizes"
@@ -116,11 +114,21 @@ def check_base(base):
 
 
 def check_inv_freq(inv_freq, rotary_dim):
+    """A floating-point tensor of shape (rotary_dim // 2,); the shape is checked once rotary_dim is known."""
     if not isinstance(inv_freq, torch.Tensor) or not inv_freq.is_floating_point():
         raise TypeError(f"inv_freq must be a floating-point tensor, got {getattr(inv_freq, 'dtype', inv_freq)!r}")
-    if inv_freq.shape != (rotary_dim // 2,):
+    if rotary_dim is not None and inv_freq.shape != (rotary_dim // 2,):
         raise ValueError(f"inv_freq must have shape (rotary_dim // 2,) = ({rotary_dim // 2},), got "
                          f"{tuple(inv_freq.shape)}")
+
+
+def check_frequencies(scaling_factor, base, inv_freq, rotary_dim):
+    """The frequency arguments every rotating op takes: ``scaling_factor``, and ``inv_freq`` or else ``base``."""
+    check_scaling_factor(scaling_factor)
+    if inv_freq is None:
+        check_base(base)
+    else:
+        check_inv_freq(inv_freq, rotary_dim)
 
 
 def _check_position_tensor(positions, device):
@@ -197,6 +205,15 @@ def _checked_before(tensor):
     last = _last_checked_positions.get("entry")
     return last is not None and last[0]() is tensor and last[1] is not None and last[1] == _version_of(tensor)
 
+
+
+def check_range(values, name, low, high, what):
+    """Synchronizing check that ``low ≤ values < high``; skipped like the other value checks."""
+    if values.numel() == 0 or not value_checks_enabled(values.device):
+        return
+    minimum, maximum = int(values.min()), int(values.max())
+    if minimum < low or maximum >= high:
+        raise ValueError(f"{name} must be in [{low}, {high}) ({what}), got values in [{minimum}, {maximum}]")
 
 
 def check_values(positions, cu_seqlens, max_seqlen, total_tokens):

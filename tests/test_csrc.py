@@ -27,7 +27,7 @@ import torch
 
 import pi_kernels
 from pi_kernels import _cuda, inference
-from pi_kernels._validation import POSITIONS_ARANGE, PositionSpec
+from pi_kernels._positions import POSITIONS_ARANGE, PositionSpec
 from pi_kernels.ops._rope import turns_table
 from pi_kernels.reference import (
     rotary_angles,

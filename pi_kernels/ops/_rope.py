@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import POSITIONS_ARANGE, POSITIONS_OFFSETS
 from ..scaling import rope_inv_freq
 
 # 2π = _TWO_PI_HI + _TWO_PI_LO with _TWO_PI_HI exact in float32, so the constants mean the same whether Triton
@@ -99,20 +98,6 @@ def turns_table(inv_freq, base, scaling_factor, rotary_dim, device):
         table = rope_inv_freq(base, rotary_dim, device=device) / (2.0 * math.pi * scaling_factor)
         _TURNS_CACHE[key] = table
     return table
-
-
-def position_pointer_and_strides(spec, placeholder):
-    """(tensor, stride per batch row or sequence, stride per token) for a resolved :class:`PositionSpec`.
-
-    ``placeholder`` is any tensor on the device, passed where the kernel reads no positions.
-    """
-    if spec.mode == POSITIONS_ARANGE:
-        return placeholder, 0, 0
-    if spec.mode == POSITIONS_OFFSETS:
-        return spec.ids, spec.ids.stride(0), 0
-    # One row of ids shared by every batch row reads with a batch stride of 0.
-    stride_pb = 0 if spec.ids.dim() == 1 or spec.ids.shape[0] == 1 else spec.ids.stride(0)
-    return spec.ids, stride_pb, spec.ids.stride(-1)
 
 
 def varlen_search(cu_seqlens):

@@ -32,7 +32,6 @@ program in a fixed order (dk/dv of a KV head sum its query heads in order).
 
 import math
 import numbers
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,7 +41,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .. import _validation as validation
-from ._rope import position_pointer_and_strides, rope_cos_sin, token_positions, turns_table
+from .._positions import position_pointer_and_strides
+from . import _interpreting
+from ._rope import rope_cos_sin, token_positions, turns_table
 
 __all__ = ["AttentionRotary", "AttentionRotaryFunction", "attention_backward", "attention_forward",
            "attention_rotary"]
@@ -641,10 +642,6 @@ def _attention_backward_dq_kernel(
 
 
 _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class _Blocks(NamedTuple):

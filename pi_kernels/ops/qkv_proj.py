@@ -33,7 +33,9 @@ import triton
 import triton.language as tl
 
 from .. import _validation as v
-from ._rope import position_pointer_and_strides, rope_cos_sin, token_positions, turns_table, varlen_search
+from .._positions import PositionSpec, position_pointer_and_strides
+from . import _interpreting
+from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
 from .rotary import launch_rotary_kernel
 
 __all__ = ["QKVProjRotary", "QKVProjRotaryFunction", "qkv_proj_backward", "qkv_proj_forward", "qkv_proj_rotary"]
@@ -62,10 +64,6 @@ def _prune_configs(configs, named_args, **kwargs):
     if named_args["token_bucket"] < _AUTOTUNE_MIN_TOKENS or os.environ.get("PI_KERNELS_AUTOTUNE") == "0":
         return [min(configs, key=lambda config: (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]))]
     return configs
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -291,7 +289,7 @@ def qkv_proj_forward(x, weights, biases, positions, position_mode, position_offs
     outs = [x.new_empty(shape) for shape in _output_shapes(x, weights, num_heads, num_kv_heads, head_dim)]
     split_weights, split_biases = _split_heads(weights, biases, num_heads, num_kv_heads, head_dim)
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
-    spec = v.PositionSpec(position_mode, positions, position_offset)
+    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
     _launch_forward(x3, split_weights, split_biases, [_as_bshd(out) for out in outs], spec, cu_seqlens, turns,
                     head_dim, rotary_dim, interleaved)
     return outs
@@ -314,7 +312,7 @@ def qkv_proj_backward(grads, x, weights, positions, position_mode, position_offs
     parts = [part.view(*x3.shape[:2], part_rows // head_dim, head_dim)
              for part, part_rows in zip(grad_rows.split(rows, dim=1), rows, strict=True)]
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
-    spec = v.PositionSpec(position_mode, positions, position_offset)
+    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
     launch_rotary_kernel(_as_bshd(grads[0]), _as_bshd(grads[1]), parts[0], parts[1], spec, cu_seqlens, turns,
                          rotary_dim, interleaved, True)
     if len(grads) == 3:
@@ -415,25 +413,18 @@ def _check_int(value, name, minimum):
 
 def _check_param(tensor, name, shape, x):
     """A weight or bias: a tensor of ``shape`` with x's dtype and device."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    v.check_tensors(((name, tensor),))
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.dtype != x.dtype:
-        raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
-    if tensor.device != x.device:
-        raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; they must be on the same device")
+    v.check_tensors((("x", x), (name, tensor)))
 
 
 def _check_projection(x, weight, bias, num_heads, num_kv_heads, head_dim):
     """Check x, weight and bias; returns the lists of weights and biases (fused: one of each)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    v.check_tensors((("x", x),))
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have shape (batch, seq, hidden), or (tokens, hidden) with cu_seqlens, got "
                          f"{tuple(x.shape)}")
-    if x.dtype not in v.SUPPORTED_DTYPES:
-        raise TypeError(f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
     _check_int(num_heads, "num_heads", 1)
     _check_int(num_kv_heads, "num_kv_heads", 1)
     _check_int(head_dim, "head_dim", 2)
@@ -516,11 +507,7 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
     """
     weights, biases = _check_projection(x, weight, bias, num_heads, num_kv_heads, head_dim)
     rotary_dim = v.check_rotary_dim(rotary_dim, head_dim)
-    v.check_scaling_factor(scaling_factor)
-    if inv_freq is None:
-        v.check_base(base)
-    else:
-        v.check_inv_freq(inv_freq, rotary_dim)
+    v.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     if x.dim() == 2:
         if cu_seqlens is None:
             raise ValueError("x of shape (tokens, hidden) is packed input and requires cu_seqlens; pass x[None] for "
@@ -533,7 +520,7 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
         spec = v.resolve_positions(positions, x.shape[0], x.shape[1], x.device)
     padding = [None] * (3 - len(weights))
     bias_args = biases + [None] * (3 - len(biases))
-    return QKVProjRotaryFunction.apply(x, *weights, *padding, *bias_args, spec.ids, spec.mode, spec.offset,
+    return QKVProjRotaryFunction.apply(x, *weights, *padding, *bias_args, *spec.op_args(),
                                        cu_seqlens, inv_freq, base, scaling_factor, num_heads, num_kv_heads,
                                        head_dim, rotary_dim, bool(interleaved))
 
@@ -568,11 +555,7 @@ class QKVProjRotary(torch.nn.Module):
         _check_int(num_kv_heads, "num_kv_heads", 1)
         _check_int(head_dim, "head_dim", 2)
         self.rotary_dim = v.check_rotary_dim(rotary_dim, head_dim)
-        v.check_scaling_factor(scaling_factor)
-        if inv_freq is None:
-            v.check_base(base)
-        else:
-            v.check_inv_freq(inv_freq, self.rotary_dim)
+        v.check_frequencies(scaling_factor, base, inv_freq, self.rotary_dim)
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, \
             head_dim
         self.base = float(base)

@@ -16,7 +16,8 @@ import triton.language as tl
 
 from .. import _cuda
 from .. import _validation as v
-from ._rope import position_pointer_and_strides, rope_cos_sin, token_positions, turns_table, varlen_search
+from .._positions import PositionSpec, position_pointer_and_strides
+from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
 
 __all__ = ["RotaryInterp", "RotaryInterpFunction", "launch_rotary_kernel", "rotary_forward", "rotary_interp"]
 
@@ -162,7 +163,7 @@ def _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqle
     q4, k4 = v.to_bshd(q, layout), v.to_bshd(k, layout)
     v.check_values(positions, cu_seqlens, max_seqlen, q4.shape[1])
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
-    spec = v.PositionSpec(position_mode, positions, position_offset)
+    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
     launch = _cuda.rotary if backend == "cuda" else launch_rotary_kernel
     launch(q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns, rotary_dim,
            interleaved, conjugate)
@@ -310,11 +311,7 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     """
     q4, k4 = v.check_qk(q, k, layout)
     rotary_dim = v.check_rotary_dim(rotary_dim, q4.shape[3])
-    v.check_scaling_factor(scaling_factor)
-    if inv_freq is None:
-        v.check_base(base)
-    else:
-        v.check_inv_freq(inv_freq, rotary_dim)
+    v.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     if layout == "thd":
         spec = v.resolve_varlen_positions(positions, cu_seqlens, max_seqlen, q4.shape[1], q.device)
     else:
@@ -324,8 +321,8 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     backend = _cuda.resolve_backend(backend, q.device)
     if inplace:
         v.check_no_overlap((("q", q), ("k", k)))
-    args = (spec.ids, spec.mode, spec.offset, cu_seqlens, max_seqlen, inv_freq, base, scaling_factor, rotary_dim,
-            bool(interleaved), layout, bool(inplace), False, backend)
+    args = (*spec.op_args(), cu_seqlens, max_seqlen, inv_freq, base, scaling_factor, rotary_dim, bool(interleaved),
+            layout, bool(inplace), False, backend)
     if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) \
             and (q._base is not None or k._base is not None):
         return RotaryInterpFunction.apply(q, None, *args), RotaryInterpFunction.apply(k, None, *args)
@@ -352,11 +349,7 @@ class RotaryInterp(torch.nn.Module):
                  layout="bshd"):
         super().__init__()
         v.check_layout(layout)
-        v.check_scaling_factor(scaling_factor)
-        if inv_freq is None:
-            v.check_base(base)
-        elif rotary_dim is not None:
-            v.check_inv_freq(inv_freq, rotary_dim)
+        v.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
         self.rotary_dim = rotary_dim
         self.base = float(base)
         self.scaling_factor = float(scaling_factor)
