@@ -251,7 +251,9 @@ def context_parallel_attention_rotary(q, k, v, positions=None, *, group=None, ca
     -----
     Communication per call, each rank: all-gather of K, V (2 · batch · seq · n_kv_heads · head_dim elements in
     all, (W−1)/W of it received) and of the key positions (batch or 1 · seq int64) forward; reduce-scatter of dK,
-    dV (same volume) backward. Compute per rank: 1/W of the (causal) attention of the whole sequence.
+    dV (same volume) backward. Compute per rank: 1/W of the (causal) attention of the whole sequence. The
+    all-gather runs before the attention, not overlapped with it (no ring exchange). Padded layouts only: packed
+    sequences (``cu_seqlens``) are not sharded by this layout.
 
     Examples
     --------
