@@ -254,6 +254,34 @@ def _check_fsdp_training_step():
         assert_close(stepped[name], param.detach(), torch.float32, name=f"{name} after one SGD step")
 
 
+def _check_recipe_training_step(context_parallel, fsdp):
+    """The recipe's torchrun layout (pi_kernels.recipes.distributed): one clipped SGD step against one process."""
+    from pi_kernels.integrations.transformers import patch_model
+    from pi_kernels.recipes.distributed import TrainingLayout
+
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.new_subgroups(context_parallel)[0]
+    layout = TrainingLayout(world_size, rank, context_parallel, fsdp, "gloo", group)
+    model = patch_model(_tiny_llama())
+    reference = patch_model(_tiny_llama())
+    tokens = torch.randint(0, 64, (2, 8 * world_size))
+    trained = layout.training_model(model)
+    loss, batch_loss = layout.loss(trained, tokens)
+    loss.backward()
+    layout.reduce_gradients(trained)
+    torch.nn.utils.clip_grad_norm_(trained.parameters(), 0.5)
+    torch.optim.SGD(trained.parameters(), lr=0.1).step()
+    layout.copy_back(trained, model)
+
+    reference_loss = reference(input_ids=tokens, labels=tokens, use_cache=False).loss
+    reference_loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert abs(batch_loss.item() - reference_loss.item()) <= TOLERANCE[torch.float32] * reference_loss.item()
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert_close(param.detach(), expected.detach(), torch.float32, name=f"{name} after one step")
+
+
 # --- the spawned runs ---------------------------------------------------------------------------------------------
 
 CHECKS = {
@@ -261,6 +289,8 @@ CHECKS = {
     **{f"attention_{case}": (_check_attention, case) for case in ATTENTION_CASES},
     "attention_errors": (_check_attention_errors,),
     "fsdp_training_step": (_check_fsdp_training_step,),
+    "recipe_step_context_parallel_fsdp": (_check_recipe_training_step, 2, True),
+    "recipe_step_data_parallel": (_check_recipe_training_step, 1, False),
 }
 # Four ranks on a CI machine of two cores: the layout and one causal case.
 CHECKS_BY_WORLD_SIZE = {2: list(CHECKS), 4: ["layout", "attention_causal_mqa_default_positions"]}
