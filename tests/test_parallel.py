@@ -312,24 +312,24 @@ def test_context_parallel(outcomes, world_size, check):
     assert failure is None, f"{check} on {world_size} ranks failed:\n{failure}"
 
 
-def test_enable_disable_context_parallel():
+def test_enable_disable_context_parallel(device):
     from pi_kernels.integrations import transformers as hf
 
     with pytest.raises(ValueError, match="attention=True"):
-        hf.enable_context_parallel(hf.patch_model(_tiny_llama()))
-    model = hf.patch_model(_tiny_llama(), attention=True)
+        hf.enable_context_parallel(hf.patch_model(_tiny_llama().to(device)))
+    model = hf.patch_model(_tiny_llama().to(device), attention=True)
     implementation = model.config._attn_implementation
     with pytest.raises(ValueError, match="not enabled"):
         hf.disable_context_parallel(model)
     hf.enable_context_parallel(model)
     assert model.config._attn_implementation != implementation
     with pytest.raises(ValueError, match="position_ids"):  # refused before any collective: no process group here
-        model(torch.zeros(1, 4, dtype=torch.int64), use_cache=False)
+        model(torch.zeros(1, 4, dtype=torch.int64, device=device), use_cache=False)
     with pytest.raises(ValueError, match="already enabled"):
         hf.enable_context_parallel(model)
     hf.disable_context_parallel(model)
     assert model.config._attn_implementation == implementation
-    model(torch.zeros(1, 4, dtype=torch.int64), use_cache=False)
+    model(torch.zeros(1, 4, dtype=torch.int64, device=device), use_cache=False)
     hf.enable_context_parallel(model)
     hf.unpatch_model(model)
     assert model.config._attn_implementation == implementation
