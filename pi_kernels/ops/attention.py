@@ -296,11 +296,15 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     scales = (core.softmax_scale * LOG2E.value, core.softmax_scale)
     blocks = _blocks("dkdv", head_dim, q.element_size(), interpret)
     n_k_blocks = triton.cdiv(core.max_seqlen_k, blocks.block_n)
-    if n_k_blocks:
+    # Past head_dim 64 the dk and dv accumulators of a 128-key tile fill the registers: one launch computes dv, a
+    # second dk (recomputing the scores: 5 dots instead of 4), and neither spills.
+    outputs = ((True, True),) if head_dim <= 64 else ((False, True), (True, False))
+    for compute_dk, compute_dv in outputs if n_k_blocks else ():
         _attention_backward_dkdv_kernel[(n_k_blocks * n_seqs * n_kv_heads,)](
             q4, k4, v4, dout4, lse, delta, dk4, dv4, *cu_seqlens, seq_q, seq_k, n_k_blocks, n_kv_heads,
             n_heads // n_kv_heads, *scales, *q_strides, *k_strides, *v_strides, *dout_strides, *dk_strides,
-            *dv_strides, *lse_strides, **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen),
+            *dv_strides, *lse_strides, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
+            **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen),
         )
     blocks = _blocks("dq", head_dim, q.element_size(), interpret)
     n_q_blocks = triton.cdiv(core.max_seqlen_q, blocks.block_m)

@@ -46,41 +46,40 @@ def _sequence_bounds(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seq_idx, seq_q, seq_k, 
 
 
 @triton.jit
-def _load_rows(x_ptr, row_offsets, row_mask, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr):
-    """Rows (rows, BLOCK_D) of q, k, v, out or dout in their dtype; zero past the masks. Unmasked rows (MASK_ROWS
-    False) and head_dim == BLOCK_D load without predicates."""
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    ptrs = x_ptr + row_offsets[:, None] + dims[None, :] * stride_d
+def _load_block(x_ptr, n_rows, stride_s, stride_d, row0, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Rows row0 .. row0 + ROWS - 1 of the (n_rows, HEAD_DIM) matrix at x_ptr (one head of one sequence), (ROWS,
+    BLOCK_D) in its dtype; zero past the matrix. MASK_ROWS False: the rows are known to be inside it.
+
+    A block pointer keeps only scalars live between loads (no per-row offsets held in registers across a loop)."""
+    block = tl.make_block_ptr(x_ptr, (n_rows, HEAD_DIM), (stride_s, stride_d), (row0, 0), (ROWS, BLOCK_D), (1, 0))
     if MASK_ROWS:
-        return tl.load(ptrs, mask=row_mask[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+        return tl.load(block, boundary_check=(0, 1), padding_option="zero")
     elif HEAD_DIM == BLOCK_D:
-        return tl.load(ptrs)
+        return tl.load(block)
     else:
-        return tl.load(ptrs, mask=(dims < HEAD_DIM)[None, :], other=0.0)
+        return tl.load(block, boundary_check=(1,), padding_option="zero")
 
 
 @triton.jit
-def _store_rows(x_ptr, row_offsets, row_mask, stride_d, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Write float32 rows (rows, BLOCK_D) in x_ptr's dtype, within the row mask and head_dim."""
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    tl.store(x_ptr + row_offsets[:, None] + dims[None, :] * stride_d, x.to(x_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (dims < HEAD_DIM)[None, :])
+def _store_block(x_ptr, n_rows, stride_s, stride_d, row0, x, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Write float32 rows row0.. of a (n_rows, HEAD_DIM) matrix at x_ptr in its dtype, clipped to the matrix."""
+    block = tl.make_block_ptr(x_ptr, (n_rows, HEAD_DIM), (stride_s, stride_d), (row0, 0), (ROWS, BLOCK_D), (1, 0))
+    tl.store(block, x.to(x_ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
-def _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale,
-                   k_ptr, v_ptr, k_base, v_base, k_start, stride_ks, stride_kd, stride_vs, stride_vd,
+def _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+                   stride_ks, stride_kd, stride_vs, stride_vd,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i); scores are in log2 units."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_mask = cols < len_k
-    k_tokens = (k_start + cols).to(tl.int64)
-    k = _load_rows(k_ptr, k_base + k_tokens * stride_ks, col_mask, stride_kd, HEAD_DIM, BLOCK_D, MASK)
+    k = _load_block(k_head, len_k, stride_ks, stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK)
     qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))
     if MASK:
-        visible = col_mask[None, :]
+        cols = n0 + tl.arange(0, BLOCK_N)
+        visible = (cols < len_k)[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + diff)
         qk = tl.where(visible, qk, float("-inf"))
@@ -90,7 +89,7 @@ def _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale,
     p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_ptr, v_base + k_tokens * stride_vs, col_mask, stride_vd, HEAD_DIM, BLOCK_D, MASK)
+    v = _load_block(v_head, len_k, stride_vs, stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK)
     acc = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None])
     return acc, m_ij, l_i
 
@@ -142,33 +141,31 @@ def _attention_forward_kernel(
     head64 = head.to(tl.int64)
     kv_head = (head // group_size).to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < len_q
-    q_tokens = (q_start + rows).to(tl.int64)
-    q = _load_rows(q_ptr, seq64 * stride_qb + q_tokens * stride_qs + head64 * stride_qh, row_mask, stride_qd,
-                   HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+    q = _load_block(q_ptr + seq64 * stride_qb + q_start * stride_qs + head64 * stride_qh, len_q, stride_qs,
+                    stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
 
     full_hi, hi = _causal_key_bounds(m0, len_k, diff, BLOCK_M, BLOCK_N, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = seq64 * stride_kb + kv_head * stride_kh
-    v_base = seq64 * stride_vb + kv_head * stride_vh
+    k_head = k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh
+    v_head = v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh
     for n0 in range(0, _loop_bound(full_hi, INTERPRET), BLOCK_N):
-        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_ptr, v_ptr, k_base,
-                                       v_base, k_start, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM,
-                                       BLOCK_N, BLOCK_D, CAUSAL, False, DOT_DTYPE)
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL,
+                                       False, DOT_DTYPE)
     for n0 in range(_loop_bound(full_hi, INTERPRET), _loop_bound(hi, INTERPRET), BLOCK_N):
-        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_ptr, v_ptr, k_base,
-                                       v_base, k_start, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM,
-                                       BLOCK_N, BLOCK_D, CAUSAL, True, DOT_DTYPE)
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL,
+                                       True, DOT_DTYPE)
 
     # A query that sees no key (causal with seq_q > seq_k, or seq_k = 0) gets output 0 and lse -inf.
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    _store_rows(out_ptr, seq64 * stride_ob + q_tokens * stride_os + head64 * stride_oh, row_mask, stride_od, out,
-                HEAD_DIM, BLOCK_D)
+    _store_block(out_ptr + seq64 * stride_ob + q_start * stride_os + head64 * stride_oh, len_q, stride_os, stride_od,
+                 m0, out, HEAD_DIM, BLOCK_M, BLOCK_D)
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    tl.store(lse_ptr + seq64 * stride_lb + head64 * stride_lh + q_tokens, lse, mask=row_mask)
+    tl.store(lse_ptr + seq64 * stride_lb + head64 * stride_lh + q_start + rows, lse, mask=rows < len_q)
 
 
 @triton.jit
@@ -186,52 +183,50 @@ def _attention_backward_delta_kernel(
     seq_idx = (pid // n_q_blocks) // n_heads
     head = ((pid // n_q_blocks) % n_heads).to(tl.int64)
     q_start, len_q, _, _ = _sequence_bounds(cu_seqlens_q_ptr, cu_seqlens_q_ptr, seq_idx, seq_q, seq_q, IS_VARLEN)
-    rows = (pid % n_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < len_q
+    m0 = (pid % n_q_blocks) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     seq64 = seq_idx.to(tl.int64)
-    tokens = (q_start + rows).to(tl.int64)
-    out = _load_rows(out_ptr, seq64 * stride_ob + tokens * stride_os + head * stride_oh, row_mask, stride_od,
-                     HEAD_DIM, BLOCK_D, True)
-    dout = _load_rows(dout_ptr, seq64 * stride_db + tokens * stride_ds + head * stride_dh, row_mask, stride_dd,
-                      HEAD_DIM, BLOCK_D, True)
+    out = _load_block(out_ptr + seq64 * stride_ob + q_start * stride_os + head * stride_oh, len_q, stride_os,
+                      stride_od, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    dout = _load_block(dout_ptr + seq64 * stride_db + q_start * stride_ds + head * stride_dh, len_q, stride_ds,
+                       stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
-    tl.store(delta_ptr + seq64 * stride_lb + head * stride_lh + tokens, delta, mask=row_mask)
+    tl.store(delta_ptr + seq64 * stride_lb + head * stride_lh + q_start + rows, delta, mask=rows < len_q)
 
 
 @triton.jit
-def _load_softmax_stats(lse_ptr, delta_ptr, row_offsets, row_mask):
-    """(lse in log2 units, delta) of a block of queries; lse +inf for padding and for queries that see no key, so
-    their recomputed probabilities are exactly 0."""
-    lse = tl.load(lse_ptr + row_offsets, mask=row_mask, other=float("-inf"))
+def _load_softmax_stats(lse_ptr, delta_ptr, rows, len_q):
+    """(lse in log2 units, delta) of the queries ``rows`` of one head and sequence; lse +inf for padding and for
+    queries that see no key, so their recomputed probabilities are exactly 0."""
+    row_mask = rows < len_q
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(delta_ptr + row_offsets, mask=row_mask, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
     return lse2, delta
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale,
-                q_ptr, dout_ptr, lse_ptr, delta_ptr, q_base, dout_base, lse_base, q_start,
+def _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_head, dout_head, lse_head, delta_head,
                 stride_qs, stride_qd, stride_ds, stride_dd,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Add one query block's contribution to a key block's (dk, dv), on transposed scores (keys, queries).
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Add one query block's contribution to a key block's dk and/or dv, on transposed scores (keys, queries).
 
-    MASK_ROWS: the block may pass the last query (padding rows get lse +inf, hence p = 0); CAUSAL_MASK: some of its
-    queries see only part of the key block."""
+    Rows past the last query load as zeros and get lse +inf, hence p = 0. CAUSAL_MASK: some of the block's queries
+    see only part of the key block."""
     rows = m0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < len_q
-    tokens = (q_start + rows).to(tl.int64)
-    q = _load_rows(q_ptr, q_base + tokens * stride_qs, row_mask, stride_qd, HEAD_DIM, BLOCK_D,
-                   MASK_ROWS).to(DOT_DTYPE)
-    dout = _load_rows(dout_ptr, dout_base + tokens * stride_ds, row_mask, stride_dd, HEAD_DIM, BLOCK_D, MASK_ROWS)
-    lse2, delta = _load_softmax_stats(lse_ptr, delta_ptr, lse_base + tokens, row_mask)
+    q = _load_block(q_head, len_q, stride_qs, stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
+    dout = _load_block(dout_head, len_q, stride_ds, stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    lse2, delta = _load_softmax_stats(lse_head, delta_head, rows, len_q)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
     if CAUSAL_MASK:
         p_t = tl.where(cols[:, None] <= rows[None, :] + diff, p_t, 0.0)
-    dv = tl.dot(p_t.to(dout_ptr.dtype.element_ty).to(DOT_DTYPE), dout.to(DOT_DTYPE), dv)
-    dp_t = tl.dot(v, tl.trans(dout.to(DOT_DTYPE)))
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q_ptr.dtype.element_ty).to(DOT_DTYPE)
-    dk = tl.dot(ds_t, q, dk)
+    if COMPUTE_DV:
+        dv = tl.dot(p_t.to(dout.dtype).to(DOT_DTYPE), dout.to(DOT_DTYPE), dv)
+    if COMPUTE_DK:
+        dp_t = tl.dot(v, tl.trans(dout.to(DOT_DTYPE)))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_head.dtype.element_ty).to(DOT_DTYPE)
+        dk = tl.dot(ds_t, q, dk)
     return dk, dv
 
 
@@ -251,6 +246,7 @@ def _attention_backward_dkdv_kernel(
     stride_lb, stride_lh,                            # lse and delta
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,  # which of dk and dv this launch computes (see _blocks)
     INTERPRET: tl.constexpr,        # Triton's interpreter runs the kernel (see _loop_bound)
     DOT_DTYPE: tl.constexpr,        # dot operand type: the input's; float32 under the interpreter (16-bit dots break)
 ):
@@ -267,67 +263,52 @@ def _attention_backward_dkdv_kernel(
     diff = len_k - len_q
     seq64 = seq_idx.to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
-    col_mask = cols < len_k
-    k_tokens = (k_start + cols).to(tl.int64)
-    k = _load_rows(k_ptr, seq64 * stride_kb + k_tokens * stride_ks + kv_head * stride_kh, col_mask, stride_kd,
-                   HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
-    v = _load_rows(v_ptr, seq64 * stride_vb + k_tokens * stride_vs + kv_head * stride_vh, col_mask, stride_vd,
-                   HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
+    k = _load_block(k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh, len_k, stride_ks,
+                    stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, True).to(DOT_DTYPE)
+    v = _load_block(v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh, len_k, stride_vs,
+                    stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, True).to(DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    # Queries in [lo, mid) see part of this key block (masked); queries from mid on see all of it.
-    if CAUSAL:
-        lo = tl.minimum(tl.maximum(n0 - diff, 0), len_q) // BLOCK_M * BLOCK_M
-        mid = tl.minimum((tl.maximum(n0 + BLOCK_N - 1 - diff, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, len_q)
-    else:
-        lo = 0
-        mid = 0
-    # Query blocks wholly inside the sequence from mid on load without row masks; the last, partial one with them.
-    full_end = mid + (len_q - mid) // BLOCK_M * BLOCK_M
+    # Queries before lo see none of this key block. One loop, masked throughout when causal: a second loop for the
+    # blocks past the diagonal would hold a second set of prefetched tiles and spill.
+    lo = tl.minimum(tl.maximum(n0 - diff, 0), len_q) // BLOCK_M * BLOCK_M if CAUSAL else 0
     for g in range(0, _loop_bound(group_size, INTERPRET)):
         head = kv_head * group_size + g
-        q_base = seq64 * stride_qb + head * stride_qh
-        dout_base = seq64 * stride_db + head * stride_dh
-        lse_base = seq64 * stride_lb + head * stride_lh
-        for m0 in range(_loop_bound(lo, INTERPRET), _loop_bound(mid, INTERPRET), BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_ptr, dout_ptr, lse_ptr, delta_ptr,
-                                 q_base, dout_base, lse_base, q_start, stride_qs, stride_qd, stride_ds, stride_dd,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, True, DOT_DTYPE)
-        for m0 in range(_loop_bound(mid, INTERPRET), _loop_bound(full_end, INTERPRET), BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_ptr, dout_ptr, lse_ptr, delta_ptr,
-                                 q_base, dout_base, lse_base, q_start, stride_qs, stride_qd, stride_ds, stride_dd,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, False, DOT_DTYPE)
-        for m0 in range(_loop_bound(full_end, INTERPRET), _loop_bound(len_q, INTERPRET), BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_ptr, dout_ptr, lse_ptr, delta_ptr,
-                                 q_base, dout_base, lse_base, q_start, stride_qs, stride_qd, stride_ds, stride_dd,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, False, DOT_DTYPE)
+        q_head = q_ptr + seq64 * stride_qb + q_start * stride_qs + head * stride_qh
+        dout_head = dout_ptr + seq64 * stride_db + q_start * stride_ds + head * stride_dh
+        lse_head = lse_ptr + seq64 * stride_lb + head * stride_lh + q_start
+        delta_head = delta_ptr + seq64 * stride_lb + head * stride_lh + q_start
+        for m0 in range(_loop_bound(lo, INTERPRET), _loop_bound(len_q, INTERPRET), BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_head, dout_head, lse_head,
+                                 delta_head, stride_qs, stride_qd, stride_ds, stride_dd, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                 CAUSAL, COMPUTE_DK, COMPUTE_DV, DOT_DTYPE)
 
-    dk_rows = seq64 * stride_dkb + k_tokens * stride_dks + kv_head * stride_dkh
-    _store_rows(dk_ptr, dk_rows, col_mask, stride_dkd, dk * softmax_scale, HEAD_DIM, BLOCK_D)
-    dv_rows = seq64 * stride_dvb + k_tokens * stride_dvs + kv_head * stride_dvh
-    _store_rows(dv_ptr, dv_rows, col_mask, stride_dvd, dv, HEAD_DIM, BLOCK_D)
+    if COMPUTE_DK:
+        _store_block(dk_ptr + seq64 * stride_dkb + k_start * stride_dks + kv_head * stride_dkh, len_k, stride_dks,
+                     stride_dkd, n0, dk * softmax_scale, HEAD_DIM, BLOCK_N, BLOCK_D)
+    if COMPUTE_DV:
+        _store_block(dv_ptr + seq64 * stride_dvb + k_start * stride_dvs + kv_head * stride_dvh, len_k, stride_dvs,
+                     stride_dvd, n0, dv, HEAD_DIM, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
-def _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, k_ptr, v_ptr, k_base, v_base, k_start,
-              stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+def _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+              stride_ks, stride_kd, stride_vs, stride_vd,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Add one key block's contribution to a query block's dq."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_mask = cols < len_k
-    k_tokens = (k_start + cols).to(tl.int64)
-    k = _load_rows(k_ptr, k_base + k_tokens * stride_ks, col_mask, stride_kd, HEAD_DIM, BLOCK_D, MASK).to(DOT_DTYPE)
-    v = _load_rows(v_ptr, v_base + k_tokens * stride_vs, col_mask, stride_vd, HEAD_DIM, BLOCK_D, MASK).to(DOT_DTYPE)
+    k = _load_block(k_head, len_k, stride_ks, stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK).to(DOT_DTYPE)
+    v = _load_block(v_head, len_k, stride_vs, stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK).to(DOT_DTYPE)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
     if MASK:
-        visible = col_mask[None, :]
+        cols = n0 + tl.arange(0, BLOCK_N)
+        visible = (cols < len_k)[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + diff)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(dout, tl.trans(v))
-    ds = (p * (dp - delta[:, None])).to(k_ptr.dtype.element_ty).to(DOT_DTYPE)
+    ds = (p * (dp - delta[:, None])).to(k_head.dtype.element_ty).to(DOT_DTYPE)
     return tl.dot(ds, k, dq)
 
 
@@ -367,26 +348,23 @@ def _attention_backward_dq_kernel(
     head64 = head.to(tl.int64)
     kv_head = (head // group_size).to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < len_q
-    tokens = (q_start + rows).to(tl.int64)
-    q = _load_rows(q_ptr, seq64 * stride_qb + tokens * stride_qs + head64 * stride_qh, row_mask, stride_qd,
-                   HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
-    dout = _load_rows(dout_ptr, seq64 * stride_db + tokens * stride_ds + head64 * stride_dh, row_mask, stride_dd,
-                      HEAD_DIM, BLOCK_D, True).to(DOT_DTYPE)
-    lse2, delta = _load_softmax_stats(lse_ptr, delta_ptr, seq64 * stride_lb + head64 * stride_lh + tokens, row_mask)
+    q = _load_block(q_ptr + seq64 * stride_qb + q_start * stride_qs + head64 * stride_qh, len_q, stride_qs,
+                    stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
+    dout = _load_block(dout_ptr + seq64 * stride_db + q_start * stride_ds + head64 * stride_dh, len_q, stride_ds,
+                       stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
+    stats = seq64 * stride_lb + head64 * stride_lh + q_start
+    lse2, delta = _load_softmax_stats(lse_ptr + stats, delta_ptr + stats, rows, len_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     full_hi, hi = _causal_key_bounds(m0, len_k, diff, BLOCK_M, BLOCK_N, CAUSAL)
-    k_base = seq64 * stride_kb + kv_head * stride_kh
-    v_base = seq64 * stride_vb + kv_head * stride_vh
+    k_head = k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh
+    v_head = v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh
     for n0 in range(0, _loop_bound(full_hi, INTERPRET), BLOCK_N):
-        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, k_ptr, v_ptr, k_base, v_base, k_start,
-                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False,
-                       DOT_DTYPE)
+        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_head, v_head, stride_ks,
+                       stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, DOT_DTYPE)
     for n0 in range(_loop_bound(full_hi, INTERPRET), _loop_bound(hi, INTERPRET), BLOCK_N):
-        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, k_ptr, v_ptr, k_base, v_base, k_start,
-                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True,
-                       DOT_DTYPE)
+        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_head, v_head, stride_ks,
+                       stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, DOT_DTYPE)
 
-    _store_rows(dq_ptr, seq64 * stride_dqb + tokens * stride_dqs + head64 * stride_dqh, row_mask, stride_dqd,
-                dq * softmax_scale, HEAD_DIM, BLOCK_D)
+    _store_block(dq_ptr + seq64 * stride_dqb + q_start * stride_dqs + head64 * stride_dqh, len_q, stride_dqs,
+                 stride_dqd, m0, dq * softmax_scale, HEAD_DIM, BLOCK_M, BLOCK_D)
