@@ -416,19 +416,12 @@ class AttentionRotaryFunction(torch.autograd.Function):
 
 def _check_tensors(q, k, v, varlen):
     """Shape, dtype and device checks of q, k, v; returns (n_heads, n_kv_heads, head_dim)."""
+    validation.check_tensors((("q", q), ("k", k), ("v", v)))
     ndim, shape_doc = (3, "(total_tokens, heads, head_dim) with cu_seqlens_q") if varlen else \
         (4, "(batch, seq, heads, head_dim)")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != ndim:
             raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
-        if x.dtype not in validation.SUPPORTED_DTYPES:
-            raise TypeError(f"{name}.dtype must be float16, bfloat16 or float32, got {x.dtype}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype ({x.dtype}) must match q.dtype ({q.dtype})")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must be on the same device")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if not varlen and k.shape[0] != q.shape[0]:
@@ -563,11 +556,7 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
                          "sequences)")
     n_heads, n_kv_heads, head_dim = _check_tensors(q, k, v, varlen)
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
-    validation.check_scaling_factor(scaling_factor)
-    if inv_freq is None:
-        validation.check_base(base)
-    else:
-        validation.check_inv_freq(inv_freq, rotary_dim)
+    validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
     if varlen:
         same_tokens = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
