@@ -40,18 +40,26 @@ from .rotary import launch_rotary_kernel
 
 __all__ = ["QKVProjRotary", "QKVProjRotaryFunction", "qkv_proj_backward", "qkv_proj_forward", "qkv_proj_rotary"]
 
-# Tiles for H100 and A100 (sm80/sm90, 16-bit operands, fp32 accumulators). A program's N extent is one head,
-# 2 · BLOCK_P columns (128 for head_dim 128), so only the token and K tiles are tuned.
-_GPU_CONFIGS = [
+# Tiles for H100 and A100 (sm80/sm90, fp32 accumulators). A program's N extent is one head, 2 · BLOCK_P columns
+# (128 for head_dim 128), so only the token and K tiles are tuned. Only configs that spill no register on sm_90 and
+# sm_80 are kept (benchmarks/results/static/, tests/test_gpu_compile.py): BLOCK_M 128 at 4 warps and 256 at 8
+# spilled ~3 KB per thread in 16 bits.
+_GPU_CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=4),
 ]
+# fp32 operands: without tf32 (torch's default precision) the dot is an FMA loop whose operands live in registers;
+# the 16-bit tiles spilled up to 48 KB per thread there (and some exceeded shared memory), and 64 x 128 tiles still
+# spill at 4 warps: smaller tiles on 8 warps of their own.
+_GPU_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+]
+_GPU_CONFIGS = _GPU_CONFIGS_16BIT + _GPU_CONFIGS_FP32
 # Autotuning under the interpreter would run every config at interpreter speed: one small config there.
 _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_stages=1, num_warps=4)]
 # Below this many tokens a launch has few programs and the tile barely matters; compiling and timing every config
@@ -60,6 +68,9 @@ _AUTOTUNE_MIN_TOKENS = 1024
 
 
 def _prune_configs(configs, named_args, **kwargs):
+    if configs == _GPU_CONFIGS:
+        fp32 = named_args["x_ptr"].dtype == torch.float32
+        configs = _GPU_CONFIGS_FP32 if fp32 else _GPU_CONFIGS_16BIT
     # PI_KERNELS_AUTOTUNE=0 (set by the tests): one config, so no test spends minutes compiling and timing eight.
     if named_args["token_bucket"] < _AUTOTUNE_MIN_TOKENS or os.environ.get("PI_KERNELS_AUTOTUNE") == "0":
         return [min(configs, key=lambda config: (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]))]
@@ -72,6 +83,10 @@ def _pair_columns(pairs, HEAD_DIM: tl.constexpr, ROTARY_HALF: tl.constexpr, INTE
     if INTERLEAVED:
         first = 2 * pairs
         second = first + 1
+    elif 2 * ROTARY_HALF == HEAD_DIM:
+        # Plain arithmetic on an arange, so the compiler knows both halves are contiguous runs (128-bit stores).
+        first = pairs
+        second = pairs + ROTARY_HALF
     else:
         # Past rotary_dim, the tail's (head_dim - rotary_dim) features pair as (t, t + half of the tail).
         tail = pairs - ROTARY_HALF
@@ -93,14 +108,20 @@ def _project_head(
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # The tile's 2·BLOCK_P columns: the first members of BLOCK_P pairs, then their partners, so one tl.dot
-    # computes both halves of every pair and the epilogue separates them with a reshape.
-    cols = tl.arange(0, 2 * BLOCK_P)
-    pairs = cols % BLOCK_P
-    first, second = _pair_columns(pairs, HEAD_DIM, ROTARY_HALF, INTERLEAVED)
-    col_mask = pairs < HEAD_DIM // 2
-    # Padding pairs (head_dim / 2 not a power of two) read a valid weight row instead of masking every load.
-    cols = tl.where(col_mask, tl.where(cols < BLOCK_P, first, second), 0)
+    # A rotated head's 2·BLOCK_P columns: the first members of BLOCK_P pairs, then their partners, so one tl.dot
+    # computes both halves of every pair and the epilogue separates them with a reshape. A head that is not rotated
+    # (v) takes its columns in order.
+    tile_cols = tl.arange(0, 2 * BLOCK_P)
+    if ROTATE:
+        pairs = tile_cols % BLOCK_P
+        first, second = _pair_columns(pairs, HEAD_DIM, ROTARY_HALF, INTERLEAVED)
+        col_mask = pairs < HEAD_DIM // 2
+        cols = tl.where(tile_cols < BLOCK_P, first, second)
+    else:
+        col_mask = tile_cols < HEAD_DIM
+        cols = tile_cols
+    # Padding columns (head_dim / 2 not a power of two) read a valid weight row instead of masking every load.
+    cols = tl.where(col_mask, cols, 0)
     row_w = (head * HEAD_DIM + cols).to(tl.int64) * stride_wn
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + row_x[:, None] + ks[None, :] * stride_xk
@@ -124,18 +145,31 @@ def _project_head(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + (head * HEAD_DIM + cols) * stride_b).to(tl.float32)[None, :]
+    row_out = out_ptr + (batch_idx * stride_ob + tokens.to(tl.int64) * stride_os + head * stride_oh)[:, None]
     if ROTATE:
         pos = token_positions(pos_ptr, cu_seqlens_ptr, batch_idx, tokens, token_mask, pos_offset, n_seqs,
                               stride_pb, stride_ps, POS_MODE, IS_VARLEN, SEARCH_STEPS)
         # Pairs past rotary_dim / 2 read no frequency (angle 0): cos 1, sin 0, so the tail passes through exactly.
         cos, sin = rope_cos_sin(pos, turns_ptr, ROTARY_HALF, BLOCK_P, False)
         acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_P)), (0, 2, 1)))
-        out1 = acc1 * cos - acc2 * sin
-        out2 = acc1 * sin + acc2 * cos
-        acc = tl.reshape(tl.permute(tl.join(out1, out2), (0, 2, 1)), (BLOCK_M, 2 * BLOCK_P))
-    row_out = batch_idx * stride_ob + tokens.to(tl.int64) * stride_os + head * stride_oh
-    out_ptrs = out_ptr + row_out[:, None] + cols.to(tl.int64)[None, :] * stride_od
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_mask[:, None] & col_mask[None, :])
+        out1 = (acc1 * cos - acc2 * sin).to(out_ptr.dtype.element_ty)
+        out2 = (acc1 * sin + acc2 * cos).to(out_ptr.dtype.element_ty)
+        # Stores whose columns are an arange, so the compiler can prove runs of contiguous, aligned columns and
+        # write 16 bytes at a time (columns computed with tl.where gave one 2-byte store per element).
+        if INTERLEAVED:
+            # Pair j is columns (2j, 2j + 1): out1 and out2 interleaved are the head's columns in order.
+            out = tl.reshape(tl.join(out1, out2), (BLOCK_M, 2 * BLOCK_P))
+            tl.store(row_out + tile_cols.to(tl.int64)[None, :] * stride_od, out,
+                     mask=token_mask[:, None] & (tile_cols < HEAD_DIM)[None, :])
+        else:
+            half_cols = tl.arange(0, BLOCK_P)
+            first, second = _pair_columns(half_cols, HEAD_DIM, ROTARY_HALF, INTERLEAVED)
+            half_mask = token_mask[:, None] & (half_cols < HEAD_DIM // 2)[None, :]
+            tl.store(row_out + first.to(tl.int64)[None, :] * stride_od, out1, mask=half_mask)
+            tl.store(row_out + second.to(tl.int64)[None, :] * stride_od, out2, mask=half_mask)
+    else:
+        tl.store(row_out + tile_cols.to(tl.int64)[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty),
+                 mask=token_mask[:, None] & col_mask[None, :])
 
 
 @triton.autotune(configs=_INTERPRETER_CONFIGS if _interpreting() else _GPU_CONFIGS,
