@@ -35,7 +35,8 @@ def _rotate_heads(
     INTERLEAVED: tl.constexpr, COPY_TAIL: tl.constexpr,
 ):
     # Heads are a loop over 2-D (token, pair) tiles rather than a third tile dimension: cos/sin then share the
-    # layout of the data, so the compiler neither converts layouts nor recomputes the angles once per head.
+    # layout of the data, so the compiler neither converts layouts nor recomputes the angles once per head. The loop
+    # is not unrolled (range, not static_range): a program may rotate every head of a model.
     pairs = tl.arange(0, BLOCK_HALF)
     # int64 before multiplying by strides: a tensor may hold more than 2**31 elements.
     tokens64 = tokens.to(tl.int64)
@@ -55,7 +56,7 @@ def _rotate_heads(
     if COPY_TAIL:
         tail = (2 * ROTARY_HALF + tl.arange(0, BLOCK_TAIL)).to(tl.int64)
         tail_mask = token_mask[:, None] & (tail < HEAD_DIM)[None, :]
-    for i in tl.static_range(HEADS):
+    for i in range(HEADS):
         head = (head_start + i).to(tl.int64)
         in_range = head < n_heads
         x_head = x_ptr + row_in + head * stride_h
@@ -79,19 +80,21 @@ def _rotary_kernel(
     cu_seqlens_ptr,             # int32/int64 (n_seqs + 1,), only read when IS_VARLEN
     pos_offset,                 # scalar offset for POS_MODE 0
     seq_len, n_token_blocks, n_seqs,
-    n_q_heads, n_k_heads, n_q_groups,
+    n_q_heads, n_k_heads,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_qob, stride_qos, stride_qoh, stride_qod,
     stride_kob, stride_kos, stride_koh, stride_kod,
     stride_pb, stride_ps,       # positions strides: (batch row or sequence, token)
     ROTARY_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_T: tl.constexpr, HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
     COPY_TAIL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    # Grid: (batch · token blocks, q head groups + k head groups). One program rotates BLOCK_T tokens × HEADS heads
-    # of q or of k, computing the angles of its tokens once.
+    # Grid: (batch · token blocks, head groups). One program rotates BLOCK_T tokens × (Q_HEADS heads of q and
+    # K_HEADS heads of k), computing the angles of its tokens once for all of them: with one group (the default when
+    # that fills the GPU), once per (token, pair) for the whole of q and k.
     pid = tl.program_id(0)
     group = tl.program_id(1)
     batch_idx = (pid // n_token_blocks).to(tl.int64)
@@ -102,16 +105,14 @@ def _rotary_kernel(
                           stride_pb, stride_ps, POS_MODE, IS_VARLEN, SEARCH_STEPS)
     cos, sin = rope_cos_sin(pos, turns_ptr, ROTARY_HALF, BLOCK_HALF, CONJUGATE)
 
-    if group < n_q_groups:
-        _rotate_heads(q_ptr, q_out_ptr, stride_qb, stride_qs, stride_qh, stride_qd,
-                      stride_qob, stride_qos, stride_qoh, stride_qod,
-                      batch_idx, tokens, token_mask, group * HEADS, n_q_heads, cos, sin,
-                      ROTARY_HALF, HEAD_DIM, HEADS, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
-    else:
-        _rotate_heads(k_ptr, k_out_ptr, stride_kb, stride_ks, stride_kh, stride_kd,
-                      stride_kob, stride_kos, stride_koh, stride_kod,
-                      batch_idx, tokens, token_mask, (group - n_q_groups) * HEADS, n_k_heads, cos, sin,
-                      ROTARY_HALF, HEAD_DIM, HEADS, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
+    _rotate_heads(q_ptr, q_out_ptr, stride_qb, stride_qs, stride_qh, stride_qd,
+                  stride_qob, stride_qos, stride_qoh, stride_qod,
+                  batch_idx, tokens, token_mask, group * Q_HEADS, n_q_heads, cos, sin,
+                  ROTARY_HALF, HEAD_DIM, Q_HEADS, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
+    _rotate_heads(k_ptr, k_out_ptr, stride_kb, stride_ks, stride_kh, stride_kd,
+                  stride_kob, stride_kos, stride_koh, stride_kod,
+                  batch_idx, tokens, token_mask, group * K_HEADS, n_k_heads, cos, sin,
+                  ROTARY_HALF, HEAD_DIM, K_HEADS, BLOCK_HALF, BLOCK_TAIL, INTERLEAVED, COPY_TAIL)
 
 
 @functools.cache
@@ -130,27 +131,28 @@ def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary
         return
     rotary_half = rotary_dim // 2
     block_half = triton.next_power_of_2(rotary_half)
-    # A (token, pair) tile of ~1k elements per half: one 16-byte vector per thread and load at 4 warps. Up to 8 heads
-    # per program share its angles; fewer when that leaves too few programs to fill the GPU.
+    # A (token, pair) tile of ~1k elements per half: one 16-byte vector per thread and load at 4 warps. Every head of
+    # q and k in one program (angles computed once per (token, pair)), split into more head groups only while
+    # that leaves too few programs to fill the GPU.
     block_t = max(1, min(1024 // block_half, triton.next_power_of_2(seq_len)))
     n_token_blocks = triton.cdiv(seq_len, block_t)
-    heads = min(8, min(n for n in (n_q_heads, n_k_heads) if n > 0))
+    groups = 1
     min_programs = _min_programs(q4.device)
-    while heads > 1 and batch * n_token_blocks * triton.cdiv(n_q_heads + n_k_heads, heads) < min_programs:
-        heads //= 2
+    while groups < max(n_q_heads, n_k_heads) and batch * n_token_blocks * groups < min_programs:
+        groups *= 2
+    q_heads, k_heads = triton.cdiv(n_q_heads, groups), triton.cdiv(n_k_heads, groups)
     copy_tail = rotary_dim < head_dim and q_out4.data_ptr() != q4.data_ptr()
     block_tail = triton.next_power_of_2(head_dim - rotary_dim) if copy_tail else 1
-    n_q_groups = triton.cdiv(n_q_heads, heads)
-    n_groups = n_q_groups + triton.cdiv(n_k_heads, heads)
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, turns)
     n_seqs, search_steps = varlen_search(cu_seqlens)
-    grid = (batch * n_token_blocks, n_groups)
+    grid = (batch * n_token_blocks, groups)
     _rotary_kernel[grid](
         q4, k4, q_out4, k_out4, turns, ids, cu_seqlens if cu_seqlens is not None else turns,
         spec.offset, seq_len, n_token_blocks, n_seqs,
-        n_q_heads, n_k_heads, n_q_groups,
+        n_q_heads, n_k_heads,
         *q4.stride(), *k4.stride(), *q_out4.stride(), *k_out4.stride(), stride_pb, stride_ps,
-        ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, HEADS=heads, BLOCK_HALF=block_half,
+        ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, Q_HEADS=q_heads, K_HEADS=k_heads,
+        BLOCK_HALF=block_half,
         BLOCK_TAIL=block_tail, POS_MODE=spec.mode, IS_VARLEN=cu_seqlens is not None, INTERLEAVED=interleaved,
         CONJUGATE=conjugate, COPY_TAIL=copy_tail, SEARCH_STEPS=search_steps,
         num_warps=4,
