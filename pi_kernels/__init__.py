@@ -8,8 +8,8 @@ rotary_kv_cache_append, rotary_paged_kv_cache_append, inference
     Inference: rotary fused with the KV-cache append (contiguous or paged cache); vLLM's in-place rotary
     convention in :mod:`pi_kernels.inference`.
 attention_rotary, AttentionRotary
-    Softmax attention of un-rotated q and k with interpolated RoPE applied in-kernel (Triton), forward, backward
-    and decode against a rotated KV cache.
+    Softmax attention of un-rotated q and k with interpolated RoPE (Triton: a rotation pass, then flash
+    attention), forward, backward and decode against a rotated KV cache.
 parallel
     Context parallelism: a sequence sharded across the ranks of a torch.distributed group, with its positions and
     attention over the whole sequence.

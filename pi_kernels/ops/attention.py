@@ -20,7 +20,7 @@ Design
    transpose of the forward rotation) turns them into gradients of the un-rotated inputs.
 
 The rotated q and k cost one read and one write of q and k in the forward and of dq and dk in the backward, against
-attention's O(seq²) work: a few percent at training lengths.
+attention's O(seq²) work: about 1% at 16k tokens by estimate (benchmarks/NOTES.md; not measured on a GPU).
 
 Decode (``rotate_k=False``, keys already rotated in a cache) rotates only q; varlen (packed sequences with
 ``cu_seqlens``) rotates with per-sequence positions and attends per sequence.
