@@ -37,6 +37,7 @@ from pi_kernels.reference import (
     rotary_paged_kv_cache_append_reference,
 )
 
+from .test_all_paths import check_every_path
 from .test_inference import assert_cache_written, make_cos_sin_cache, make_new_tokens, make_vllm_qk, random_slots
 from .test_rotary import SEQLENS_THD, cu_seqlens_for, make_positions, make_qk
 from .tolerances import assert_close, rel_error
@@ -394,6 +395,13 @@ def test_precision_at_a_million_positions(device, cuda_backend):
     q_out, k_out = pi_kernels.rotary_interp(q, k, positions, scaling_factor=16.0, backend="cuda")
     q_ref, k_ref = rotary_interp_reference(q.double(), k.double(), positions, scaling_factor=16.0)
     assert rel_error(q_out, q_ref) <= 1e-6 and rel_error(k_out, k_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("highest", [2**20, 2**24])
+def test_every_path_rotates_alike(device, cuda_backend, highest):
+    """tests/test_all_paths.py's check through ``backend="cuda"``: rotary_interp, the vLLM-convention ops and both
+    cache appends agree with the float64 reference and with each other at positions up to 2**20 and 2**24."""
+    check_every_path(device, highest, "cuda", triton_only_paths=False)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "thd"])
