@@ -1,9 +1,10 @@
-"""The compiled CUDA backend (``pi_kernels._C``): lazy loading, the backend choice, and thin callers of its ops.
+"""The compiled CUDA backend (``pi_kernels._C``): lazy loading and thin callers of its ops.
 
 The extension is built by ``setup.py`` only where a CUDA build of torch and ``nvcc`` are present; everything works
 without it through the Triton kernels. Importing it registers the ``torch.ops.pi_kernels_cuda`` ops (see
 ``csrc/bindings.cpp``); nothing here touches the GPU until a kernel is launched. The callers below take the same
-arguments as the Triton launchers they stand in for, so an op switches backends by picking a function.
+arguments as the Triton launchers they stand in for, so an op switches backends by picking a function (the choice
+is made in :mod:`pi_kernels._backend`).
 """
 
 import importlib
@@ -12,9 +13,8 @@ import torch
 
 from ._positions import position_pointer_and_strides
 
-__all__ = ["BACKENDS", "available", "kv_cache_append", "require", "resolve_backend", "rotary", "rotary_embedding"]
+__all__ = ["available", "kv_cache_append", "require", "rotary", "rotary_embedding"]
 
-BACKENDS = ("auto", "triton", "cuda")
 BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` on a machine with a CUDA build of torch and "
               "nvcc (CUDA_HOME or /usr/local/cuda), with PI_KERNELS_SKIP_CUDA_BUILD unset")
 
@@ -44,23 +44,6 @@ def require():
     if not available():
         raise RuntimeError(f"backend='cuda' asked for, but the CUDA extension pi_kernels._C is not available "
                            f"({_extension['error']}); {BUILD_HINT}")
-
-
-def resolve_backend(backend, device):
-    """The backend that runs, ``"triton"`` or ``"cuda"``, for a requested one and the device of the inputs.
-
-    ``"auto"`` takes CUDA when the extension is loaded and the inputs are on a GPU, else Triton.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        return "triton"
-    if backend == "auto":
-        return "cuda" if device.type == "cuda" and available() else "triton"
-    require()
-    if device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs tensors on a CUDA device, got {device}")
-    return "cuda"
 
 
 def rotary(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):

@@ -98,7 +98,7 @@ def check_schemas(library: Path) -> None:
     import torch
 
     import pi_kernels
-    from pi_kernels import _cuda
+    from pi_kernels import _backend, _cuda
 
     # The library sits in the build folder: make it a module of the checkout's package.
     pi_kernels.__path__.append(str(library.parent))
@@ -109,7 +109,7 @@ def check_schemas(library: Path) -> None:
     print(f"ok   load: torch {torch.__version__} (CUDA {torch.version.cuda}), no GPU "
           f"(cuda available: {torch.cuda.is_available()}); ops {', '.join(sorted(registered))}", flush=True)
     # CPU tensors stand in for GPU ones: past backend resolution, the call reaches the op's dispatcher.
-    _cuda.resolve_backend = lambda backend, device: "cuda"
+    _backend.resolve_backend = lambda backend, device, *implemented: "cuda"
     reached = set()
     for label, call in _reach_every_op().items():
         try:

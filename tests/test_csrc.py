@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import pi_kernels
-from pi_kernels import _cuda, inference
+from pi_kernels import _backend, _cuda, inference
 from pi_kernels._positions import POSITIONS_ARANGE, PositionSpec
 from pi_kernels.ops._rope import turns_table
 from pi_kernels.reference import (
@@ -287,9 +287,9 @@ def cuda_backend(device, request, monkeypatch):
             pytest.skip(f"the CUDA extension is not built: {_cuda.BUILD_HINT}")
         return None
     emulated = request.getfixturevalue("emulator")
-    resolve = _cuda.resolve_backend
-    monkeypatch.setattr(_cuda, "resolve_backend",
-                        lambda backend, dev: "cuda" if backend == "cuda" else resolve(backend, dev))
+    resolve = _backend.resolve_backend
+    monkeypatch.setattr(_backend, "resolve_backend",
+                        lambda backend, dev, *rest: "cuda" if backend == "cuda" else resolve(backend, dev, *rest))
     return emulated
 
 
@@ -537,9 +537,9 @@ def test_out_of_range_indices_are_masked_in_kernel(device, cuda_backend):
 
 def test_backend_choice(device):
     """Auto takes CUDA only for GPU inputs with the extension; asking for a missing CUDA backend says how to build."""
-    assert _cuda.resolve_backend("triton", device) == "triton"
+    assert _backend.resolve_backend("triton", device) == "triton"
     expected_auto = "cuda" if device.type == "cuda" and _cuda.available() else "triton"
-    assert _cuda.resolve_backend("auto", device) == expected_auto
+    assert _backend.resolve_backend("auto", device) == expected_auto
     with pytest.raises(ValueError, match="backend must be one of"):
         pi_kernels.rotary_interp(*make_qk("bshd", device, torch.float32), backend="cutlass")
     if not _cuda.available():
@@ -553,7 +553,7 @@ def test_backend_choice(device):
                                              torch.zeros(1, dtype=torch.int64, device=device), backend="cuda")
     elif device.type == "cpu":
         with pytest.raises(ValueError, match="needs tensors on a CUDA device"):
-            _cuda.resolve_backend("cuda", device)
+            _backend.resolve_backend("cuda", device)
 
 
 def test_int64_offsets_past_2_31_elements(device, cuda_backend):

@@ -21,10 +21,12 @@ import triton.language as tl
 
 from ..scaling import rope_inv_freq
 
-# 2π = _TWO_PI_HI + _TWO_PI_LO with _TWO_PI_HI exact in float32, so the constants mean the same whether Triton
-# materializes them as float32 or float64.
-_TWO_PI_HI = tl.constexpr(6.2831854820251465)
-_TWO_PI_LO = tl.constexpr(-1.7484556025237907e-07)
+# 2π = TWO_PI_HI + TWO_PI_LO with TWO_PI_HI exact in float32, so the constants mean the same whether Triton
+# materializes them as float32 or float64. The torch backend uses the same split.
+TWO_PI_HI = 6.2831854820251465
+TWO_PI_LO = -1.7484556025237907e-07
+_TWO_PI_HI = tl.constexpr(TWO_PI_HI)
+_TWO_PI_LO = tl.constexpr(TWO_PI_LO)
 
 
 @triton.jit

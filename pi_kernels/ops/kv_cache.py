@@ -3,10 +3,11 @@
 One Triton kernel, ``_rotary_cache_append_kernel``, rotates q into a new tensor and writes the rotated k and the v of
 the new tokens into a KV cache, contiguous per sequence (flash-attention's ``flash_attn_with_kvcache`` layout) or
 paged through a slot mapping (the layout of vLLM and FlashInfer), in one launch. No autograd formula: these are
-inference ops. Each takes ``backend="auto"|"triton"|"cuda"``; the CUDA kernels of ``csrc/include/kv_cache.cuh`` have
-the same semantics (see :mod:`pi_kernels._cuda`). Slots, positions and cache lengths are checked on the host before
-anything is written (see ``_validation.set_value_checks``), and masked again in the kernel, so an out-of-range index
-is never written even with the checks off. The public front is :mod:`pi_kernels.inference`.
+inference ops. Each takes ``backend="auto"|"triton"|"cuda"|"torch"``; the CUDA kernels of
+``csrc/include/kv_cache.cuh`` (see :mod:`pi_kernels._cuda`) and the plain-PyTorch ones of
+:mod:`pi_kernels._torch_backend` have the same semantics. Slots, positions and cache lengths are checked on the
+host before anything is written (see ``_validation.set_value_checks``), and masked again in the kernel, so an
+out-of-range index is never written even with the checks off. The public front is :mod:`pi_kernels.inference`.
 """
 
 import operator
@@ -15,13 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _cuda
+from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
 from .._positions import POSITIONS_IDS, POSITIONS_OFFSETS, PositionSpec, position_pointer_and_strides
 from ._rope import rope_cos_sin, token_positions, turns_table
 from .rotary_embedding import block_sizes, rotate_rows
 
-__all__ = ["KV_LAYOUTS", "launch_cache_append", "rotary_kv_cache_append", "rotary_paged_kv_cache_append",
+__all__ = ["KV_LAYOUTS", "LAUNCHERS", "launch_cache_append", "rotary_kv_cache_append", "rotary_paged_kv_cache_append",
            "slot_mapping_from_block_table"]
 
 KV_LAYOUTS = ("nhd", "hnd")
@@ -154,6 +155,10 @@ def _check_distinct_slots(slot_mapping):
                          f"more than once")
 
 
+# The launcher of each backend, all with launch_cache_append's arguments.
+LAUNCHERS = {"triton": launch_cache_append, "cuda": _cuda.kv_cache_append, "torch": _torch_backend.kv_cache_append}
+
+
 @torch.library.custom_op("pi_kernels::rotary_kv_cache_append", mutates_args=("k_cache", "v_cache"))
 def _cache_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_index: torch.Tensor, positions: torch.Tensor | None,
@@ -177,8 +182,7 @@ def _cache_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     validation.check_values(positions, None, None, 0)
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
     spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    launch = _cuda.kv_cache_append if backend == "cuda" else launch_cache_append
-    launch(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim, interleaved)
+    LAUNCHERS[backend](q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim, interleaved)
     return q_out
 
 
@@ -244,7 +248,7 @@ def rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_seqlens, *, position
     scaling_factor, base, inv_freq, rotary_dim, interleaved
         As in :func:`pi_kernels.rotary_interp`.
     backend : str
-        "auto", "triton" or "cuda".
+        "auto", "triton", "cuda" or "torch", as in :func:`pi_kernels.inference.rotary_embedding`.
 
     Returns
     -------
@@ -269,7 +273,7 @@ def rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_seqlens, *, position
         spec = PositionSpec(POSITIONS_OFFSETS, cache_seqlens)
     else:
         spec = validation.resolve_positions(positions, batch, new, q.device)
-    backend = _cuda.resolve_backend(backend, q.device)
+    backend = _backend.resolve_backend(backend, q.device)
     return torch.ops.pi_kernels.rotary_kv_cache_append(
         q, k, v, k_cache, v_cache, cache_seqlens, spec.ids, spec.mode, spec.offset, inv_freq, float(base),
         float(scaling_factor), rotary_dim, bool(interleaved), False, "nhd", backend)
@@ -305,7 +309,7 @@ def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positi
     kv_layout : str
         "nhd" or "hnd", see above.
     backend : str
-        "auto", "triton" or "cuda".
+        "auto", "triton", "cuda" or "torch", as in :func:`pi_kernels.inference.rotary_embedding`.
 
     Returns
     -------
@@ -331,7 +335,7 @@ def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positi
     _check_index(positions, "positions", num_tokens, q.device)
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
-    backend = _cuda.resolve_backend(backend, q.device)
+    backend = _backend.resolve_backend(backend, q.device)
     return torch.ops.pi_kernels.rotary_kv_cache_append(
         q, k, v, k_cache, v_cache, slot_mapping, positions, POSITIONS_IDS, 0, inv_freq, float(base),
         float(scaling_factor), rotary_dim, bool(interleaved), True, kv_layout, backend)

@@ -32,11 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _backend, _torch_backend
 from .. import _validation as v
 from .._positions import PositionSpec, position_pointer_and_strides
 from . import _interpreting
 from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
-from .rotary import launch_rotary_kernel
+from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 
 __all__ = ["QKVProjRotary", "QKVProjRotaryFunction", "qkv_proj_backward", "qkv_proj_forward", "qkv_proj_rotary"]
 
@@ -298,6 +299,10 @@ def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim
     )
 
 
+# The forward launcher of each backend (no CUDA-extension kernel for this op), all with _launch_forward's arguments.
+_FORWARD_LAUNCHERS = {"triton": _launch_forward, "torch": _torch_backend.qkv_proj}
+
+
 def _output_shapes(x, weights, num_heads, num_kv_heads, head_dim):
     """Shapes of q, k (and v when the weights include it): x's leading dims, then (heads, head_dim)."""
     lead = tuple(x.shape[:-1])
@@ -313,10 +318,11 @@ def _as_bshd(t):
 
 
 def qkv_proj_forward(x, weights, biases, positions, position_mode, position_offset, cu_seqlens, inv_freq, base,
-                     scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved):
+                     scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, backend="triton"):
     """Projection and rotation on validated arguments; returns [q, k] or [q, k, v] (new tensors).
 
-    ``weights`` is ``[fused]``, ``[wq, wk]`` or ``[wq, wk, wv]``; ``biases`` is empty or matches it.
+    ``weights`` is ``[fused]``, ``[wq, wk]`` or ``[wq, wk, wv]``; ``biases`` is empty or matches it. ``backend``
+    is a resolved one, "triton" or "torch".
     """
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     v.check_values(positions, cu_seqlens, None, x3.shape[1])
@@ -324,14 +330,14 @@ def qkv_proj_forward(x, weights, biases, positions, position_mode, position_offs
     split_weights, split_biases = _split_heads(weights, biases, num_heads, num_kv_heads, head_dim)
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
     spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    _launch_forward(x3, split_weights, split_biases, [_as_bshd(out) for out in outs], spec, cu_seqlens, turns,
-                    head_dim, rotary_dim, interleaved)
+    _FORWARD_LAUNCHERS[backend](x3, split_weights, split_biases, [_as_bshd(out) for out in outs], spec, cu_seqlens,
+                                turns, head_dim, rotary_dim, interleaved)
     return outs
 
 
 def qkv_proj_backward(grads, x, weights, positions, position_mode, position_offset, cu_seqlens, inv_freq, base,
                       scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, need_x_grad,
-                      need_weight_grad, need_bias_grad):
+                      need_weight_grad, need_bias_grad, backend="triton"):
     """Gradients of :func:`qkv_proj_forward` from the gradients of its outputs (any strides, stride 0 included).
 
     Returns ``[dx]`` if ``need_x_grad``, then one gradient per weight if ``need_weight_grad``, then one per bias if
@@ -347,8 +353,8 @@ def qkv_proj_backward(grads, x, weights, positions, position_mode, position_offs
              for part, part_rows in zip(grad_rows.split(rows, dim=1), rows, strict=True)]
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
     spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    launch_rotary_kernel(_as_bshd(grads[0]), _as_bshd(grads[1]), parts[0], parts[1], spec, cu_seqlens, turns,
-                         rotary_dim, interleaved, True)
+    ROTARY_LAUNCHERS[backend](_as_bshd(grads[0]), _as_bshd(grads[1]), parts[0], parts[1], spec, cu_seqlens, turns,
+                              rotary_dim, interleaved, True)
     if len(grads) == 3:
         parts[2].copy_(_as_bshd(grads[2]))
     # One block for a fused weight, one per weight otherwise (views of grad_rows, no copies).
@@ -372,14 +378,14 @@ def _qkv_proj_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torc
                  positions: torch.Tensor | None, position_mode: int, position_offset: int,
                  cu_seqlens: torch.Tensor | None, inv_freq: torch.Tensor | None, base: float, scaling_factor: float,
                  num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
-                 interleaved: bool) -> list[torch.Tensor]:
+                 interleaved: bool, backend: str) -> list[torch.Tensor]:
     return qkv_proj_forward(x, weights, biases, positions, position_mode, position_offset, cu_seqlens, inv_freq,
-                            base, scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved)
+                            base, scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, backend)
 
 
 @_qkv_proj_op.register_fake
 def _qkv_proj_op_fake(x, weights, biases, positions, position_mode, position_offset, cu_seqlens, inv_freq, base,
-                      scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved):
+                      scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, backend):
     return [x.new_empty(shape) for shape in _output_shapes(x, weights, num_heads, num_kv_heads, head_dim)]
 
 
@@ -389,16 +395,16 @@ def _qkv_proj_backward_op(grads: list[torch.Tensor], x: torch.Tensor, weights: l
                           cu_seqlens: torch.Tensor | None, inv_freq: torch.Tensor | None, base: float,
                           scaling_factor: float, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
                           interleaved: bool, need_x_grad: bool, need_weight_grad: bool,
-                          need_bias_grad: bool) -> list[torch.Tensor]:
+                          need_bias_grad: bool, backend: str) -> list[torch.Tensor]:
     return qkv_proj_backward(grads, x, weights, positions, position_mode, position_offset, cu_seqlens, inv_freq,
                              base, scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
-                             need_x_grad, need_weight_grad, need_bias_grad)
+                             need_x_grad, need_weight_grad, need_bias_grad, backend)
 
 
 @_qkv_proj_backward_op.register_fake
 def _qkv_proj_backward_op_fake(grads, x, weights, positions, position_mode, position_offset, cu_seqlens, inv_freq,
                                base, scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
-                               need_x_grad, need_weight_grad, need_bias_grad):
+                               need_x_grad, need_weight_grad, need_bias_grad, backend):
     out = [torch.empty_like(x)] if need_x_grad else []
     if need_weight_grad:
         out += [torch.empty_like(weight) for weight in weights]
@@ -413,15 +419,17 @@ class QKVProjRotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, weight_c, bias_a, bias_b, bias_c, positions, position_mode,
                 position_offset, cu_seqlens, inv_freq, base, scaling_factor, num_heads, num_kv_heads, head_dim,
-                rotary_dim, interleaved):
+                rotary_dim, interleaved, backend):
         weights = [w for w in (weight_a, weight_b, weight_c) if w is not None]
         biases = [b for b in (bias_a, bias_b, bias_c) if b is not None]
         outs = torch.ops.pi_kernels.qkv_proj_rotary(x, weights, biases, positions, position_mode, position_offset,
                                                     cu_seqlens, inv_freq, float(base), float(scaling_factor),
-                                                    num_heads, num_kv_heads, head_dim, rotary_dim, interleaved)
+                                                    num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
+                                                    backend)
         ctx.save_for_backward(x, positions, cu_seqlens, inv_freq, *weights)
         ctx.position_form = (position_mode, position_offset)
         ctx.options = (float(base), float(scaling_factor), num_heads, num_kv_heads, head_dim, rotary_dim, interleaved)
+        ctx.backend = backend
         return tuple(outs)
 
     @staticmethod
@@ -431,13 +439,13 @@ class QKVProjRotaryFunction(torch.autograd.Function):
         need_x, need_weight, need_bias = needs[0], any(needs[1:4]), any(needs[4:7])
         computed = torch.ops.pi_kernels.qkv_proj_rotary_backward(
             list(grads), x, weights, positions, *ctx.position_form, cu_seqlens, inv_freq, *ctx.options, need_x,
-            need_weight, need_bias)
+            need_weight, need_bias, ctx.backend)
         computed = iter(computed)
         grad_x = next(computed) if need_x else None
         padding = [None] * (3 - len(weights))
         grad_weights = [next(computed) for _ in weights] + padding if need_weight else [None] * 3
         grad_biases = [next(computed) for _ in weights] + padding if need_bias else [None] * 3
-        return grad_x, *grad_weights, *grad_biases, *([None] * 12)
+        return grad_x, *grad_weights, *grad_biases, *([None] * 13)
 
 
 def _check_int(value, name, minimum):
@@ -495,7 +503,7 @@ def _check_projection(x, weight, bias, num_heads, num_kv_heads, head_dim):
 
 
 def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, positions=None, scaling_factor=1.0,
-                    base=10000.0, inv_freq=None, rotary_dim=None, interleaved=False, cu_seqlens=None):
+                    base=10000.0, inv_freq=None, rotary_dim=None, interleaved=False, cu_seqlens=None, backend="auto"):
     """Project x to q, k and v in one GEMM and rotate q and k with interpolated RoPE in its epilogue.
 
     Equivalent to ``y = x @ weight.T + bias``, split into q, k and v heads, then
@@ -523,6 +531,9 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
         As in :func:`rotary_interp`.
     cu_seqlens : Tensor, optional
         (n_seqs + 1,) int32/int64 cumulative sequence lengths of packed x; required with 2-D x, invalid with 3-D x.
+    backend : str
+        ``"auto"`` (Triton for GPU inputs; for CPU inputs ``"torch"``, or Triton's interpreter when
+        ``TRITON_INTERPRET=1``), ``"triton"`` or ``"torch"`` (``torch.nn.functional.linear``, then the rotation).
 
     Returns
     -------
@@ -552,11 +563,12 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
             raise ValueError(f"cu_seqlens is only valid with packed x of shape (tokens, hidden), got x of shape "
                              f"{tuple(x.shape)}")
         spec = v.resolve_positions(positions, x.shape[0], x.shape[1], x.device)
+    backend = _backend.resolve_backend(backend, x.device, _backend.NO_CUDA)
     padding = [None] * (3 - len(weights))
     bias_args = biases + [None] * (3 - len(biases))
     return QKVProjRotaryFunction.apply(x, *weights, *padding, *bias_args, *spec.op_args(),
                                        cu_seqlens, inv_freq, base, scaling_factor, num_heads, num_kv_heads,
-                                       head_dim, rotary_dim, bool(interleaved))
+                                       head_dim, rotary_dim, bool(interleaved), backend)
 
 
 class QKVProjRotary(torch.nn.Module):

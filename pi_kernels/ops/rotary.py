@@ -14,12 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _cuda
+from .. import _backend, _cuda, _torch_backend
 from .. import _validation as v
 from .._positions import PositionSpec, position_pointer_and_strides
 from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
 
-__all__ = ["RotaryInterp", "RotaryInterpFunction", "launch_rotary_kernel", "rotary_forward", "rotary_interp"]
+__all__ = ["LAUNCHERS", "RotaryInterp", "RotaryInterpFunction", "launch_rotary_kernel", "rotary_forward",
+           "rotary_interp"]
 
 
 @triton.jit
@@ -159,16 +160,19 @@ def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary
     )
 
 
+# The rotary launcher of each backend; all take the arguments of launch_rotary_kernel.
+LAUNCHERS = {"triton": launch_rotary_kernel, "cuda": _cuda.rotary, "torch": _torch_backend.rotary}
+
+
 def _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
          scaling_factor, rotary_dim, interleaved, layout, conjugate, backend):
-    """Shared body of the two custom ops: value checks, then one launch for q and k (Triton or CUDA)."""
+    """Shared body of the two custom ops: value checks, then one launch for q and k (Triton, CUDA or torch)."""
     q4, k4 = v.to_bshd(q, layout), v.to_bshd(k, layout)
     v.check_values(positions, cu_seqlens, max_seqlen, q4.shape[1])
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
     spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    launch = _cuda.rotary if backend == "cuda" else launch_rotary_kernel
-    launch(q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns, rotary_dim,
-           interleaved, conjugate)
+    LAUNCHERS[backend](q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns,
+                       rotary_dim, interleaved, conjugate)
 
 
 @torch.library.custom_op("pi_kernels::rotary_interp", mutates_args=())
@@ -206,7 +210,7 @@ def rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, 
     """Rotate q and k (by -angle when ``conjugate``) with validated arguments; returns (q_out, k_out).
 
     ``positions``/``position_mode``/``position_offset`` are a resolved position form (see ``_validation``);
-    ``backend`` is a resolved one, "triton" or "cuda" (see ``_cuda.resolve_backend``).
+    ``backend`` is a resolved one, "triton", "cuda" or "torch" (see ``_backend.resolve_backend``).
     """
     args = (positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, float(base),
             float(scaling_factor), rotary_dim, interleaved, layout, conjugate, backend)
@@ -297,8 +301,10 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     max_seqlen : int, optional
         Longest sequence of a ``"thd"`` batch (flash-attention's convention); when given it is checked.
     backend : str
-        ``"auto"``: the compiled CUDA extension for GPU inputs when it is built, else Triton. ``"triton"`` or
-        ``"cuda"`` (an error that says how to build it when it is missing). Both give the same results.
+        ``"auto"``: for GPU inputs the compiled CUDA extension when it is built, else Triton; for CPU inputs
+        ``"torch"`` (Triton's interpreter when ``TRITON_INTERPRET=1``). ``"triton"``, ``"cuda"`` (an error that
+        says how to build it when it is missing) or ``"torch"`` (plain PyTorch, any device). All give the same
+        results to float32 rounding.
 
     Returns
     -------
@@ -320,7 +326,7 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
         if cu_seqlens is not None or max_seqlen is not None:
             raise ValueError(f"cu_seqlens and max_seqlen are only valid with layout='thd', got layout={layout!r}")
         spec = v.resolve_positions(positions, q4.shape[0], q4.shape[1], q.device)
-    backend = _cuda.resolve_backend(backend, q.device)
+    backend = _backend.resolve_backend(backend, q.device)
     if inplace:
         v.check_no_overlap((("q", q), ("k", k)))
     args = (*spec.op_args(), cu_seqlens, max_seqlen, inv_freq, base, scaling_factor, rotary_dim, bool(interleaved),

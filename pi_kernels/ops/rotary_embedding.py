@@ -3,9 +3,10 @@
 One Triton kernel, ``_rotary_embedding_kernel``, rotates query and key in place on vLLM's flat
 ``(num_tokens, heads · head_size)`` tensors in one launch, reading cos/sin from a ``cos_sin_cache`` or computing the
 interpolated angles like :func:`pi_kernels.rotary_interp`. No autograd formula: these are inference ops. Each takes
-``backend="auto"|"triton"|"cuda"``; the CUDA kernels of ``csrc/`` have the same semantics (see
-:mod:`pi_kernels._cuda`). The public front is :mod:`pi_kernels.inference`. ``rotate_rows`` and ``block_sizes`` are
-shared with the KV-cache append (``kv_cache.py``).
+``backend="auto"|"triton"|"cuda"|"torch"``; the CUDA kernels of ``csrc/`` (see :mod:`pi_kernels._cuda`) and the
+plain-PyTorch ones of :mod:`pi_kernels._torch_backend` have the same semantics. The public front is
+:mod:`pi_kernels.inference`. ``rotate_rows`` and ``block_sizes`` are shared with the KV-cache append
+(``kv_cache.py``).
 """
 
 import numbers
@@ -14,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _cuda
+from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
 from ._rope import rope_cos_sin, token_positions, turns_table
 
-__all__ = ["launch_rotary_embedding", "rotary_embedding", "rotary_embedding_interp"]
+__all__ = ["LAUNCHERS", "launch_rotary_embedding", "rotary_embedding", "rotary_embedding_interp"]
 
 
 @triton.jit
@@ -161,6 +162,11 @@ def _vllm_views(positions, query, key, head_size):
     return query4, query4[:, :, :0] if key is None else heads_view(key), flat
 
 
+# The launcher of each backend, all with launch_rotary_embedding's arguments.
+LAUNCHERS = {"triton": launch_rotary_embedding, "cuda": _cuda.rotary_embedding,
+             "torch": _torch_backend.rotary_embedding}
+
+
 @torch.library.custom_op("pi_kernels::rotary_embedding", mutates_args=("query", "key"))
 def _rotary_embedding_op(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None, head_size: int,
                          cos_sin_cache: torch.Tensor | None, inv_freq: torch.Tensor | None, base: float,
@@ -172,8 +178,7 @@ def _rotary_embedding_op(positions: torch.Tensor, query: torch.Tensor, key: torc
     else:
         validation.check_range(positions, "positions", 0, cos_sin_cache.shape[0], "rows of cos_sin_cache")
         turns = None
-    launch = _cuda.rotary_embedding if backend == "cuda" else launch_rotary_embedding
-    launch(query4, key4, positions2d, cos_sin_cache, turns, rotary_dim, not is_neox)
+    LAUNCHERS[backend](query4, key4, positions2d, cos_sin_cache, turns, rotary_dim, not is_neox)
 
 
 @_rotary_embedding_op.register_fake
@@ -227,7 +232,8 @@ def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox=Tr
         True: rotate-half pairs (j, j + rot_dim / 2) (GPT-NeoX, Llama); False: interleaved pairs (2j, 2j + 1)
         (GPT-J).
     backend : str
-        "auto" (CUDA extension for GPU inputs when built, else Triton), "triton" or "cuda".
+        "auto" (for GPU inputs the CUDA extension when built, else Triton; for CPU inputs "torch", or Triton's
+        interpreter when TRITON_INTERPRET=1), "triton", "cuda" or "torch" (plain PyTorch).
 
     Returns
     -------
@@ -251,7 +257,7 @@ def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox=Tr
         raise TypeError(f"cos_sin_cache.dtype must be query's ({query.dtype}) or float32, got {cos_sin_cache.dtype}")
     if cos_sin_cache.device != query.device:
         raise ValueError(f"cos_sin_cache is on {cos_sin_cache.device} but query is on {query.device}")
-    backend = _cuda.resolve_backend(backend, query.device)
+    backend = _backend.resolve_backend(backend, query.device)
     torch.ops.pi_kernels.rotary_embedding(positions, query, key, int(head_size), cos_sin_cache, None, 0.0, 1.0,
                                           rot_dim, bool(is_neox), backend)
 
@@ -289,6 +295,6 @@ def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None
     _check_vllm_inputs(positions, query, key, head_size)
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_size)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
-    backend = _cuda.resolve_backend(backend, query.device)
+    backend = _backend.resolve_backend(backend, query.device)
     torch.ops.pi_kernels.rotary_embedding(positions, query, key, int(head_size), None, inv_freq, float(base),
                                           float(scaling_factor), rotary_dim, bool(is_neox), backend)

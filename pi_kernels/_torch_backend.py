@@ -1,0 +1,172 @@
+"""``backend="torch"``: every op in plain PyTorch, for CPU tensors (and any device PyTorch runs on).
+
+Each function here takes the same arguments as the Triton launcher it stands in for (``launch_rotary_kernel``,
+``_launch_rotary_embedding``, ``_launch_cache_append``, the qkv_proj forward launcher) and writes the same outputs,
+so an op's custom op, autograd formula, checks and ``torch.library`` registration are shared by every backend.
+
+The angles are computed as the kernels compute them (``ops/_rope.py``): float64 turns ``m · turns_table[j]``,
+whole turns dropped exactly, the fraction brought into [-1/2, 1/2] and multiplied by 2π in float64, then one float32
+sin/cos per (position, pair), broadcast over heads. The rotation runs in float32 and rounds once to the output
+dtype. Everything is vectorized over tokens, heads and pairs; nothing loops in Python over tokens or heads.
+
+This is not :mod:`pi_kernels.reference` (the independent float64 oracle the tests compare every backend to).
+"""
+
+import torch
+
+from ._validation import POSITIONS_ARANGE, POSITIONS_OFFSETS
+from .ops._rope import TWO_PI_HI, TWO_PI_LO
+
+__all__ = ["kv_cache_append", "qkv_proj", "rope_cos_sin", "rotary", "rotary_embedding", "token_positions"]
+
+
+def token_positions(spec, cu_seqlens, batch, seq_len, device):
+    """int64 positions, (batch or 1, seq_len), of the tokens of (batch, seq_len) input for a :class:`PositionSpec`.
+
+    With ``cu_seqlens`` the input is packed (batch 1): the arange restarts at each sequence and offsets are per
+    sequence, as in the kernels' ``token_positions``.
+    """
+    tokens = torch.arange(seq_len, device=device)
+    if cu_seqlens is not None:
+        if spec.mode not in (POSITIONS_ARANGE, POSITIONS_OFFSETS):
+            return spec.ids.to(torch.int64).reshape(1, seq_len)
+        cu = cu_seqlens.to(torch.int64)
+        # Sequence of each token: the last s with cu[s] <= token (empty sequences are skipped). Clamped so that a
+        # malformed cu_seqlens with the value checks off cannot index out of bounds.
+        seq_idx = torch.searchsorted(cu[1:], tokens, right=True).clamp_(max=cu.shape[0] - 2)
+        local = tokens - cu[seq_idx]
+        if spec.mode == POSITIONS_ARANGE:
+            return (local + spec.offset).unsqueeze(0)
+        return (local + spec.ids.to(torch.int64)[seq_idx]).unsqueeze(0)
+    if spec.mode == POSITIONS_ARANGE:
+        return (tokens + spec.offset).unsqueeze(0)
+    if spec.mode == POSITIONS_OFFSETS:
+        return spec.ids.to(torch.int64).unsqueeze(1) + tokens
+    ids = spec.ids if spec.ids.dim() == 2 else spec.ids.unsqueeze(0)
+    return ids.to(torch.int64)
+
+
+def rope_cos_sin(pos, turns, conjugate=False):
+    """float32 cos and sin, ``pos.shape + (len(turns),)``, of int64 positions ``pos``; sin negated when conjugate.
+
+    ``turns`` is the float64 table of ``ops._rope.turns_table`` (``inv_freq / (2π · scaling_factor)``).
+    """
+    angle_turns = pos.to(torch.float64).unsqueeze(-1) * turns
+    angle_turns.frac_()
+    # Into [-1/2, 1/2] turns, i.e. [-π, π], where float32 sin/cos are most accurate.
+    angle_turns.sub_((angle_turns > 0.5).to(torch.float64)).add_((angle_turns < -0.5).to(torch.float64))
+    angle = (angle_turns * TWO_PI_HI + angle_turns * TWO_PI_LO).to(torch.float32)
+    sin = angle.sin()
+    return angle.cos_(), sin.neg_() if conjugate else sin
+
+
+def _pairs(x4, rotary_dim, interleaved):
+    """Views of the first and second members of every rotated pair of x4 (..., head_dim)."""
+    if interleaved:
+        return x4[..., 0:rotary_dim:2], x4[..., 1:rotary_dim:2]
+    half = rotary_dim // 2
+    return x4[..., :half], x4[..., half:rotary_dim]
+
+
+def _rotate_into(x4, out4, cos, sin, rotary_dim, interleaved, copy_tail):
+    """out4 = x4 rotated; cos/sin broadcast against (..., rotary_dim // 2). out4 may be x4 (in place)."""
+    if x4.numel() == 0:
+        return
+    x1, x2 = _pairs(x4, rotary_dim, interleaved)
+    x1, x2 = x1.to(torch.float32), x2.to(torch.float32)
+    # Both halves are computed before either is written: in place, x1 and x2 may be views of out4.
+    out1 = torch.addcmul(x1 * cos, x2, sin, value=-1.0)
+    out2 = torch.addcmul(x1 * sin, x2, cos)
+    out_first, out_second = _pairs(out4, rotary_dim, interleaved)
+    out_first.copy_(out1)
+    out_second.copy_(out2)
+    if copy_tail and rotary_dim < x4.shape[-1] and out4.data_ptr() != x4.data_ptr():
+        out4[..., rotary_dim:].copy_(x4[..., rotary_dim:])
+
+
+def _head_cos_sin(pos, turns, conjugate=False):
+    """cos, sin of (batch or 1, seq) positions as (batch or 1, seq, 1, pairs), to broadcast over heads."""
+    cos, sin = rope_cos_sin(pos, turns, conjugate)
+    return cos.unsqueeze(2), sin.unsqueeze(2)
+
+
+def rotary(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
+    """The torch counterpart of ``ops.rotary.launch_rotary_kernel``: (batch, seq, heads, dim) views; outputs may
+    be the inputs (in place)."""
+    batch, seq_len = q4.shape[:2]
+    if batch * seq_len == 0:
+        return
+    cos, sin = _head_cos_sin(token_positions(spec, cu_seqlens, batch, seq_len, q4.device), turns, conjugate)
+    _rotate_into(q4, q_out4, cos, sin, rotary_dim, interleaved, True)
+    _rotate_into(k4, k_out4, cos, sin, rotary_dim, interleaved, True)
+
+
+def rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim, interleaved):
+    """The torch counterpart of ``inference._launch_rotary_embedding``: rotate in place; key4 may have 0 heads.
+
+    cos/sin come from ``cos_sin_cache`` rows when it is given, else from the float64 ``turns`` table.
+    """
+    if query4.shape[0] * query4.shape[1] == 0:
+        return
+    if cos_sin_cache is None:
+        cos, sin = _head_cos_sin(positions.to(torch.int64), turns)
+    else:
+        half = rotary_dim // 2
+        inside = (positions >= 0) & (positions < cos_sin_cache.shape[0])
+        rows = cos_sin_cache[torch.where(inside, positions, 0)].to(torch.float32).unsqueeze(2)
+        # A position outside the cache (only possible with the value checks off) is rotated by angle 0, i.e. left
+        # as it is, like the kernels leave it.
+        inside = inside[..., None, None]
+        cos = torch.where(inside, rows[..., :half], 1.0)
+        sin = torch.where(inside, rows[..., half:2 * half], 0.0)
+    _rotate_into(query4, query4, cos, sin, rotary_dim, interleaved, False)
+    _rotate_into(key4, key4, cos, sin, rotary_dim, interleaved, False)
+
+
+def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim,
+                    interleaved):
+    """The torch counterpart of ``inference._launch_cache_append``: q rotated into q_out4, rotated k and v written
+    into the caches (dense: ``cache_index`` = (batch,) cache lengths; paged: the (new,) slot mapping, batch 1).
+
+    Writes that would land outside the cache (slot -1 padding, or out-of-range indices with the value checks off)
+    are dropped, as in the kernels.
+    """
+    batch, seq_len = q4.shape[:2]
+    if batch * seq_len == 0:
+        return
+    cos, sin = _head_cos_sin(token_positions(spec, None, batch, seq_len, q4.device), turns)
+    _rotate_into(q4, q_out4, cos, sin, rotary_dim, interleaved, True)
+    index = cache_index.to(torch.int64)
+    if paged:
+        block_size = k_cache4.shape[1]
+        inside = (index >= 0) & (index < k_cache4.shape[0] * block_size)
+        (tokens,) = inside.nonzero(as_tuple=True)
+        rows = torch.zeros_like(tokens)
+        outer, inner = index[tokens] // block_size, index[tokens] % block_size
+    else:
+        index = index.unsqueeze(1) + torch.arange(seq_len, device=q4.device)
+        rows, tokens = ((index >= 0) & (index < k_cache4.shape[1])).nonzero(as_tuple=True)
+        outer, inner = rows, index[rows, tokens]
+    k_new = k4[rows, tokens]
+    k_rotated = torch.empty_like(k_new)
+    if k_new.numel():
+        _rotate_into(k_new, k_rotated, cos.expand(batch, -1, -1, -1)[rows, tokens],
+                     sin.expand(batch, -1, -1, -1)[rows, tokens], rotary_dim, interleaved, True)
+    k_cache4[outer, inner] = k_rotated
+    v_cache4[outer, inner] = v4[rows, tokens]
+
+
+def qkv_proj(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim, rotary_dim, interleaved):
+    """The torch counterpart of ``ops.qkv_proj._launch_forward``: x3 (batch, seq, hidden); ``weights`` and
+    ``biases`` the (q, k, v) row blocks (v and biases may be None); outs (batch, seq, heads, head_dim) q, k
+    (and v). The GEMMs are ``torch.nn.functional.linear``; q and k are then rotated like ``rotary``."""
+    batch, seq_len = x3.shape[:2]
+    if batch * seq_len == 0:
+        return
+    cos, sin = _head_cos_sin(token_positions(spec, cu_seqlens, batch, seq_len, x3.device), turns)
+    for which, (weight, bias, out4) in enumerate(zip(weights, biases, outs, strict=False)):
+        projected = torch.nn.functional.linear(x3, weight, bias).unflatten(-1, (-1, head_dim))
+        if which < 2:
+            _rotate_into(projected, out4, cos, sin, rotary_dim, interleaved, True)
+        else:
+            out4.copy_(projected)
