@@ -62,15 +62,18 @@ def _rotate_heads(
         in_range = head < n_heads
         x_head = x_ptr + row_in + head * stride_h
         out_head = out_ptr + row_out + head * ostride_h
-        mask = pair_mask & in_range
+        # tl.where, not `pair_mask & in_range`: Triton 3.9's interpreter keeps a block & scalar mask as int32 and
+        # rejects it at the load; compiled, both give the same code.
+        mask = tl.where(in_range, pair_mask, False)
         x1 = tl.load(x_head + dim1_in, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_head + dim2_in, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_head + dim1_out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_head + dim2_out, (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty), mask=mask)
         if COPY_TAIL:
             # Features past rotary_dim pass through unchanged (only needed when not writing in place).
-            rest = tl.load(x_head + tail[None, :] * stride_d, mask=tail_mask & in_range)
-            tl.store(out_head + tail[None, :] * ostride_d, rest, mask=tail_mask & in_range)
+            head_tail_mask = tl.where(in_range, tail_mask, False)
+            rest = tl.load(x_head + tail[None, :] * stride_d, mask=head_tail_mask)
+            tl.store(out_head + tail[None, :] * ostride_d, rest, mask=head_tail_mask)
 
 
 @triton.jit
