@@ -17,7 +17,8 @@ import torch
 from ._validation import POSITIONS_ARANGE, POSITIONS_OFFSETS
 from .ops._rope import TWO_PI_HI, TWO_PI_LO
 
-__all__ = ["kv_cache_append", "qkv_proj", "rope_cos_sin", "rotary", "rotary_embedding", "token_positions"]
+__all__ = ["attention_backward", "attention_forward", "kv_cache_append", "qkv_proj", "rope_cos_sin", "rotary",
+           "rotary_embedding", "token_positions"]
 
 
 def token_positions(spec, cu_seqlens, batch, seq_len, device):
@@ -170,3 +171,117 @@ def qkv_proj(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim, rotar
             _rotate_into(projected, out4, cos, sin, rotary_dim, interleaved, True)
         else:
             out4.copy_(projected)
+
+
+# The attention core: exact softmax attention of q and k already rotated, in float32 over chunks of queries, so that
+# no more than ~_CHUNK_ELEMENTS scores exist at once. The forward returns the log-sum-exp, from which the backward
+# recomputes the probabilities chunk by chunk (FlashAttention's recipe, with PyTorch matmuls as the tiles).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    """(q rows, k rows) of each sequence: the whole batch at once when dense, one packed sequence at a time."""
+    if cu_seqlens_q is None:
+        return [(slice(None), slice(None))]
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(slice(q0, q1), slice(k0, k1))
+            for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True)]
+
+
+def _grouped(x, n_kv_heads):
+    """(batch, seq, heads, d) → (batch, kv heads, group, seq, d): the query heads that share a KV head together."""
+    return x.unflatten(2, (n_kv_heads, -1)).permute(0, 2, 3, 1, 4)
+
+
+def _ungrouped(x):
+    return x.permute(0, 3, 1, 2, 4).flatten(2, 3)
+
+
+def _scores(q_chunk, k, rows, seq_q, core):
+    """Scaled scores of query rows ``rows``: q_chunk (b, hk, g, c, d) against k (b, hk, sk, d) → (b, hk, g, c, sk);
+    -inf where the causal mask (bottom-right aligned) hides a key."""
+    scores = torch.matmul(q_chunk, k.unsqueeze(2).transpose(-1, -2)).mul_(core.softmax_scale)
+    if core.causal:
+        seq_k = k.shape[2]
+        hidden = torch.arange(seq_k, device=k.device) > (rows + (seq_k - seq_q)).unsqueeze(1)
+        scores.masked_fill_(hidden, float("-inf"))
+    return scores
+
+
+def _probabilities(scores, lse):
+    """exp(scores − lse) in place; a query that sees no key (lse -inf) gets probabilities 0, not NaN."""
+    return scores.sub_(torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)).exp_()
+
+
+def _chunks(q_grouped, seq_k):
+    """(start, query rows) of each chunk of queries."""
+    seq_q = q_grouped.shape[3]
+    step = max(1, _CHUNK_ELEMENTS // (q_grouped.shape[0] * q_grouped.shape[1] * q_grouped.shape[2] * max(1, seq_k)))
+    return [(start, torch.arange(start, min(seq_q, start + step), device=q_grouped.device))
+            for start in range(0, seq_q, step)]
+
+
+def _attend(q, k, v, core):
+    """Forward of one dense batch in float32: q (b, sq, h, d), k/v (b, sk, hk, d) → out (b, sq, h, d),
+    lse (b, h, sq)."""
+    n_kv_heads, seq_q = k.shape[2], q.shape[1]
+    qg, kg, vg = _grouped(q, n_kv_heads), k.transpose(1, 2), v.transpose(1, 2)
+    out = qg.new_empty(qg.shape)
+    lse = qg.new_empty(qg.shape[:-1])
+    for start, rows in _chunks(qg, k.shape[1]):
+        chunk = slice(start, start + rows.shape[0])
+        scores = _scores(qg[..., chunk, :], kg, rows, seq_q, core)
+        lse[..., chunk] = chunk_lse = torch.logsumexp(scores, dim=-1)
+        out[..., chunk, :] = torch.matmul(_probabilities(scores, chunk_lse), vg.unsqueeze(2))
+    return _ungrouped(out), lse.flatten(1, 2)
+
+
+def _attend_backward(grad_out, q, k, v, out, lse, core):
+    """Backward of :func:`_attend` in float32: (dq, dk, dv)."""
+    n_kv_heads, seq_q = k.shape[2], q.shape[1]
+    qg, kg, vg = _grouped(q, n_kv_heads), k.transpose(1, 2), v.transpose(1, 2)
+    grad_g = _grouped(grad_out, n_kv_heads)
+    lse_g = lse.unflatten(1, (n_kv_heads, -1))
+    delta = (grad_g * _grouped(out, n_kv_heads)).sum(-1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    dq, dk, dv = qg.new_empty(qg.shape), torch.zeros_like(kg), torch.zeros_like(vg)
+    for start, rows in _chunks(qg, k.shape[1]):
+        chunk = slice(start, start + rows.shape[0])
+        probs = _probabilities(_scores(qg[..., chunk, :], kg, rows, seq_q, core), lse_g[..., chunk])
+        grad_chunk = grad_g[..., chunk, :]
+        dv += torch.matmul(probs.transpose(-1, -2), grad_chunk).sum(2)
+        dscores = torch.matmul(grad_chunk, vg.unsqueeze(2).transpose(-1, -2))
+        dscores.sub_(delta[..., chunk].unsqueeze(-1)).mul_(probs).mul_(core.softmax_scale)
+        dq[..., chunk, :] = torch.matmul(dscores, kg.unsqueeze(2))
+        dk += torch.matmul(dscores.transpose(-1, -2), qg[..., chunk, :]).sum(2)
+    return _ungrouped(dq), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core):
+    """The torch counterpart of the attention core's forward (``ops.attention.attention_forward``) on rotated q
+    and k: out (like q) and the float32 natural-log lse, (batch, heads, seq_q), or (heads, total_q) packed; -inf
+    where a query sees no key."""
+    qf, kf, vf = (x.to(torch.float32) for x in (q, k, v))
+    if cu_seqlens_q is None:
+        out, lse = _attend(qf, kf, vf, core)
+        return out.to(q.dtype), lse
+    out = torch.empty_like(q)
+    lse = qf.new_empty(q.shape[1], q.shape[0])
+    for q_rows, k_rows in _sequences(cu_seqlens_q, cu_seqlens_k):
+        seq_out, seq_lse = _attend(qf[None, q_rows], kf[None, k_rows], vf[None, k_rows], core)
+        out[q_rows], lse[:, q_rows] = seq_out[0], seq_lse[0]
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, core):
+    """The torch counterpart of the attention core's backward: (dq, dk, dv) of the rotated q and k."""
+    tensors = [x.to(torch.float32) for x in (grad_out, q, k, v, out)]
+    if cu_seqlens_q is None:
+        grads = _attend_backward(*tensors, lse, core)
+        return tuple(grad.to(x.dtype) for grad, x in zip(grads, (q, k, v), strict=True))
+    grad_f, qf, kf, vf, out_f = tensors
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for q_rows, k_rows in _sequences(cu_seqlens_q, cu_seqlens_k):
+        grads = _attend_backward(grad_f[None, q_rows], qf[None, q_rows], kf[None, k_rows], vf[None, k_rows],
+                                 out_f[None, q_rows], lse[None, :, q_rows], core)
+        dq[q_rows], dk[k_rows], dv[k_rows] = (grad[0] for grad in grads)
+    return dq, dk, dv
