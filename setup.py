@@ -51,7 +51,9 @@ setup(
     description="Fused GPU kernels for RoPE models extended by Position Interpolation",
     packages=find_packages(include=["pi_kernels", "pi_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0"],
+    # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the kernels run and are tested on a CPU) imports it, and
+    # Triton does not declare it; it is small, so it is required rather than an extra a user finds missing later.
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
