@@ -6,6 +6,7 @@ custom ops' eager implementations, and can be switched off with :func:`set_value
 latency-critical code; they are skipped automatically while a CUDA stream is being captured.
 """
 
+import functools
 import math
 import numbers
 import weakref
@@ -268,38 +269,60 @@ def _has_integer_solution(terms, target):
     return visit(0, target)
 
 
-def _dims(x):
-    """(stride, size) of the dimensions of x that have more than one element."""
-    return [(stride, size) for stride, size in zip(x.stride(), x.shape, strict=True) if size > 1]
+def _dims(shape, strides):
+    """(stride, size) of the dimensions that have more than one element."""
+    return [(stride, size) for stride, size in zip(strides, shape, strict=True) if size > 1]
 
 
-def _overlaps_itself(x):
-    """Whether two elements of x share memory (an expanded, stride-0 dimension, or strides that collide)."""
-    dims = _dims(x)
-    strides = [stride for stride, _ in dims]
-    if 0 in strides or len(set(strides)) < len(strides):
+# Layouts repeat from call to call (every layer of a model), so the answers are cached per layout: a check then costs
+# a dictionary lookup.
+@functools.lru_cache(maxsize=1024)
+def _layout_overlaps_itself(shape, strides):
+    """Whether two elements of a layout share memory (an expanded, stride-0 dimension, or strides that collide)."""
+    dims = sorted(_dims(shape, strides))
+    # Fast path, any slice or permutation of a dense buffer: each stride steps past everything the smaller ones span.
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            break
+        span += (size - 1) * stride
+    else:
+        return False
+    if dims[0][0] == 0 or len({stride for stride, _ in dims}) < len(dims):
         return True
     # Index vectors i ≠ j with Σ (i − j)·stride = 0; as j − i works too, the first nonzero difference can be > 0.
     return any(_has_integer_solution([(stride, 1, size - 1)] + [(s, 1 - n, n - 1) for s, n in dims[first + 1:]], 0)
                for first, (stride, size) in enumerate(dims))
 
 
+@functools.lru_cache(maxsize=1024)
+def _layouts_overlap(shape_a, strides_a, shape_b, strides_b, offset):
+    """Whether layout b, ``offset`` elements after layout a in the same storage, shares an element with a."""
+    dims_a, dims_b = _dims(shape_a, strides_a), _dims(shape_b, strides_b)
+    if sum((n - 1) * s for s, n in dims_a) < offset or sum((n - 1) * s for s, n in dims_b) < -offset:
+        return False
+    # An element of a at Σ i·stride_a equal to one of b: Σ i·stride_a − Σ j·stride_b = offset. Dimensions of equal
+    # stride merge into one term (i − j takes every integer between the bounds).
+    merged = {}
+    for stride, size in dims_a:
+        lo, hi = merged.get(stride, (0, 0))
+        merged[stride] = (lo, hi + size - 1)
+    for stride, size in dims_b:
+        lo, hi = merged.get(stride, (0, 0))
+        merged[stride] = (lo - (size - 1), hi)
+    return _has_integer_solution([(stride, lo, hi) for stride, (lo, hi) in merged.items()], offset)
+
+
+def _overlaps_itself(x):
+    return x.numel() > 0 and _layout_overlaps_itself(tuple(x.shape), x.stride())
+
+
 def _overlap_each_other(a, b):
     """Whether a and b (same dtype) share an element of memory."""
     if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-    ends = [x.storage_offset() + sum((n - 1) * s for s, n in _dims(x)) for x in (a, b)]
-    if ends[0] < b.storage_offset() or ends[1] < a.storage_offset():
-        return False
-    # An element of a at offset_a + Σ i·stride_a equal to one of b: Σ i·stride_a − Σ j·stride_b = offset_b − offset_a.
-    # Dimensions of equal stride merge into one term (i − j takes every integer between the bounds).
-    merged = {}
-    for x, sign in ((a, 1), (b, -1)):
-        for stride, size in _dims(x):
-            lo, hi = merged.get(stride, (0, 0))
-            merged[stride] = (lo, hi + size - 1) if sign > 0 else (lo - (size - 1), hi)
-    terms = [(stride, lo, hi) for stride, (lo, hi) in merged.items()]
-    return _has_integer_solution(terms, b.storage_offset() - a.storage_offset())
+    return _layouts_overlap(tuple(a.shape), a.stride(), tuple(b.shape), b.stride(),
+                            b.storage_offset() - a.storage_offset())
 
 
 def check_no_overlap(written, read=()):
@@ -313,7 +336,7 @@ def check_no_overlap(written, read=()):
         return
     written = [(name, x) for name, x in written if x is not None]
     for name, x in written:
-        if x.numel() and _overlaps_itself(x):
+        if _overlaps_itself(x):
             raise ValueError(f"{name} is written in place but has elements that share memory (an expanded, "
                              f"stride-0 view?): strides {tuple(x.stride())} for shape {tuple(x.shape)}; pass "
                              f"{name}.contiguous() or its clone")
