@@ -1,5 +1,6 @@
 # The two commands of the README. `make test` is what CI runs (.ci/run).
-PYTHON ?= python
+# `python`, else `python3` (the GPU machine's image has only the latter).
+PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 # Where `make check-extension` keeps a CUDA build of torch (never the global python's: it would replace its torch).
 CUDA_VENV ?= /tmp/venv-cuda
 CUDA_TORCH ?= torch==2.14.1

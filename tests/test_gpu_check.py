@@ -94,3 +94,37 @@ def test_a_stage_gets_no_more_than_the_total_left(tmp_path):
     ctx.deadline = time.monotonic() - 1
     assert ctx.box(100.0) == 0.0
     assert gpu_check.run_command(ctx, "late", ["true"], ctx.box(10.0))["timed_out"]
+
+
+def test_headlines_find_every_target_in_gpu_shaped_rows(tmp_path):
+    """Rows shaped like a GPU run's: every headline is measured, and ratios ≥ 1 mean the target is met."""
+    env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-01T00:00:01+00:00"}
+    base = {"status": "ok", "dtype": "bf16", "family": "gqa", "tokens": 16384}
+    harness.append_results(tmp_path / "rotary.csv", [
+        {**base, "provider": p, "mode": m, "frac_ceiling": f} for p, m, f in
+        (("pi_kernels", "fwd", 0.93), ("pi_kernels", "bwd", 0.85), ("pi_kernels_cuda", "fwd", 0.95))], env)
+    harness.append_results(tmp_path / "kv_cache.csv", [
+        {**base, "family": "decode", "provider": p, "median_ms": t} for p, t in
+        (("fused-triton", 0.010), ("separate-triton", 0.020))], env)
+    harness.append_results(tmp_path / "qkv_proj.csv", [
+        {**base, "provider": "pi_kernels", "mode": m, "vs_matmul": r} for m, r in (("fwd", 1.01), ("bwd", 1.10))], env)
+    attention = {**base, "provider": "pi_kernels", "family": "d128", "head_dim": 128, "causal": False,
+                 "best_sdpa": "rotary_interp+sdpa-flash", "batch": 1}
+    harness.append_results(tmp_path / "attention.csv", [
+        {**attention, "mode": "fwd", "tflops": 500.0, "rope_cost": 1.02, "vs_best_sdpa": 1.3},
+        {**attention, "mode": "bwd", "tflops": 300.0, "rope_cost": 1.04, "vs_best_sdpa": 1.1},
+        {**attention, "mode": "fwd+bwd", "tokens": 32768, "peak_mib": 512.0}], env)
+    ctx = gpu_check.Context(dry_run=False, folder=tmp_path, deadline=0.0, env={},
+                            summary={"started": "2026-12-01T00:00:00+00:00"})
+    lines = {line["what"]: line for line in gpu_check.headlines(ctx)}
+    assert all(line["measured"] != "-" for line in lines.values()), lines
+    ratio = {what: float(line["ratio"]) for what, line in lines.items() if "KiB" not in line["ratio"]}
+    assert ratio["rotary_interp pi_kernels GB/s / copy (worst cell)"] == pytest.approx(0.85 / 0.90, abs=0.01)
+    assert ratio["kv cache append: fused time / rope-then-copy time (worst)"] == pytest.approx(2.0)
+    assert ratio["qkv_proj_rotary bwd time / bare GEMM (worst)"] == pytest.approx(1.05 / 1.10, abs=0.01)
+    assert ratio["attention_rotary fwd TFLOP/s, d128 16k non-causal"] == pytest.approx(500 / 470, abs=0.01)
+    assert ratio["attention_rotary time / no-RoPE time (worst)"] == pytest.approx(1.05 / 1.04, abs=0.01)
+    assert lines["attention_rotary fwd+bwd peak MiB, d128 32768 tok"]["ratio"] == "16.0 KiB/tok"
+    # Rows of an earlier run are not this run's.
+    ctx.summary["started"] = "2026-12-02T00:00:00+00:00"
+    assert all(line["measured"] == "-" for line in gpu_check.headlines(ctx) if "peak" not in line["what"])
