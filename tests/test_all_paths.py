@@ -16,8 +16,9 @@ the error the kernels' float64 angle reduction avoids. Its
 rows are allocated with ``torch.empty`` and only those at the positions are written, so the 2**24-row table costs
 no memory beyond the pages those rows touch.
 
-``check_every_path`` takes the backend of the ops that have two; ``tests/test_csrc.py`` runs it with
-``backend="cuda"`` (the real extension on a GPU, its CPU emulation elsewhere).
+``check_every_path`` takes the backend of the ops that have several (rotary, vLLM convention, cache appends): here
+"triton" and "torch"; ``tests/test_csrc.py`` runs it with ``backend="cuda"`` (the real extension on a GPU, its CPU
+emulation elsewhere).
 """
 
 import pytest
@@ -62,8 +63,11 @@ def sparse_cos_sin_cache(positions, device):
     return cache
 
 
-def check_every_path(device, highest, backend, *, triton_only_paths=True):
-    """Rotate through every path; ``backend`` for the ops that take one ("triton" or "cuda")."""
+def check_every_path(device, highest, backend, *, projection_and_attention=True):
+    """Rotate through every path; ``backend`` for the rotary, vLLM-convention and cache-append ops.
+
+    ``projection_and_attention``: also ``qkv_proj_rotary`` and ``attention_rotary`` (on their default backend).
+    """
     q, k, v, positions = make_inputs(device, highest)
     q_ref, k_ref = rotary_interp_reference(q.double(), k.double(), positions, scaling_factor=SCALING_FACTOR)
     q_rot, k_rot = pi_kernels.rotary_interp(q, k, positions, scaling_factor=SCALING_FACTOR, backend=backend)
@@ -100,7 +104,7 @@ def check_every_path(device, highest, backend, *, triton_only_paths=True):
     k_from_pages = paged_k.flatten(0, 1)[slots][None]
     assert_rotation("rotary_paged_kv_cache_append q", q_paged[None], q_ref, q_rot)
     assert_rotation("rotary_paged_kv_cache_append k_cache", k_from_pages, k_ref, k_rot)
-    if not triton_only_paths:
+    if not projection_and_attention:
         return
 
     # The projection epilogue: x holds q, k and v of each token; an identity weight projects it onto itself.
@@ -137,3 +141,8 @@ def check_every_path(device, highest, backend, *, triton_only_paths=True):
 @pytest.mark.parametrize("highest", [2**20, 2**24])
 def test_every_path_rotates_alike(device, highest):
     check_every_path(device, highest, "triton")
+
+
+@pytest.mark.parametrize("highest", [2**20, 2**24])
+def test_torch_backend_rotates_alike(device, highest):
+    check_every_path(device, highest, "torch", projection_and_attention=False)

@@ -401,7 +401,7 @@ def test_precision_at_a_million_positions(device, cuda_backend):
 def test_every_path_rotates_alike(device, cuda_backend, highest):
     """tests/test_all_paths.py's check through ``backend="cuda"``: rotary_interp, the vLLM-convention ops and both
     cache appends agree with the float64 reference and with each other at positions up to 2**20 and 2**24."""
-    check_every_path(device, highest, "cuda", triton_only_paths=False)
+    check_every_path(device, highest, "cuda", projection_and_attention=False)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "thd"])
