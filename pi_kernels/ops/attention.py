@@ -64,7 +64,7 @@ MAX_HEAD_DIM = 256
 
 
 class RotationArgs(NamedTuple):
-    """The rotation pass's settings: the non-tensor arguments of ``pi_kernels::attention_rotate``, in its order."""
+    """The rotation pass's settings: they define the non-tensor arguments of ``pi_kernels::attention_rotate``."""
 
     q_position_mode: int       # _positions.POSITIONS_*
     q_position_offset: int
@@ -80,13 +80,24 @@ class RotationArgs(NamedTuple):
 
 
 class CoreArgs(NamedTuple):
-    """The attention core's settings: the non-tensor arguments of ``pi_kernels::attention_core``, in its order."""
+    """The attention core's settings: they define the non-tensor arguments of ``pi_kernels::attention_core``."""
 
     max_seqlen_q: int | None   # longest packed sequence; None: computed from cu_seqlens (a device sync)
     max_seqlen_k: int | None
     causal: bool
     softmax_scale: float
     backend: str               # a key of _CORE_BACKENDS
+
+
+_SCHEMA_TYPES = {int: "SymInt", int | None: "SymInt?", float: "float", bool: "bool", str: "str"}
+
+
+def _define_op(name, tensors, settings, trailing, returns):
+    """Define ``pi_kernels::<name>`` whose arguments are ``tensors`` (schema text), the fields of the NamedTuple
+    ``settings`` and ``trailing`` (schema text): the settings' names and order are written once, in the record."""
+    fields = ", ".join(f"{_SCHEMA_TYPES[kind]} {field}" for field, kind in settings.__annotations__.items())
+    torch.library.define(f"pi_kernels::{name}", f"({tensors}, {fields}{trailing}) -> {returns}")
+    return f"pi_kernels::{name}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -150,24 +161,26 @@ def rotate_qk(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_fr
     return q_out, k_out
 
 
-@torch.library.custom_op("pi_kernels::attention_rotate", mutates_args=())
-def _rotate_op(q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor | None, k_positions: torch.Tensor | None,
-               cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, inv_freq: torch.Tensor | None,
-               q_position_mode: int, q_position_offset: int, q_from_end: bool, k_position_mode: int,
-               k_position_offset: int, base: float, scaling_factor: float, rotary_dim: int, interleaved: bool,
-               rotate_q: bool, rotate_k: bool, conjugate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rotation = RotationArgs(q_position_mode, q_position_offset, q_from_end, k_position_mode, k_position_offset,
-                            base, scaling_factor, rotary_dim, interleaved, rotate_q, rotate_k)
+_ROTATE_OP = _define_op("attention_rotate", "Tensor q, Tensor k, Tensor? q_positions, Tensor? k_positions, "
+                        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? inv_freq", RotationArgs,
+                        ", bool conjugate", "(Tensor, Tensor)")
+
+
+@torch.library.impl(_ROTATE_OP, "CompositeExplicitAutograd")
+def _rotate_op(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, *settings):
+    *rotation, conjugate = settings
     if not conjugate:  # the forward; the backward sees the same tensors
         varlen = cu_seqlens_q is not None
         validation.check_values(q_positions, None, None, q.shape[0 if varlen else 1])
         validation.check_values(k_positions, None, None, k.shape[0 if varlen else 1])
-    return rotate_qk(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, rotation, conjugate)
+    return rotate_qk(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, RotationArgs(*rotation),
+                     conjugate)
 
 
-@_rotate_op.register_fake
-def _rotate_op_fake(q, k, *args):
-    rotate_q, rotate_k = args[-3], args[-2]
+@torch.library.register_fake(_ROTATE_OP)
+def _rotate_op_fake(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, *settings):
+    rotation = RotationArgs(*settings[:-1])
+    rotate_q, rotate_k = rotation.rotate_q, rotation.rotate_k
     return torch.empty_like(q) if rotate_q else q.new_empty(0), torch.empty_like(k) if rotate_k else k.new_empty(0)
 
 
@@ -342,34 +355,34 @@ def _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values):
     return cu_seqlens_k, core._replace(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
-@torch.library.custom_op("pi_kernels::attention_core", mutates_args=())
-def _core_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
-             cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int | None, max_seqlen_k: int | None, causal: bool,
-             softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    core = CoreArgs(max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend)
-    cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values=True)
-    forward, _ = _CORE_BACKENDS[backend]
+_CORE_OP = _define_op("attention_core", "Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k",
+                      CoreArgs, "", "(Tensor, Tensor)")
+_CORE_BACKWARD_OP = _define_op("attention_core_backward", "Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+                               "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k", CoreArgs, "",
+                               "(Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl(_CORE_OP, "CompositeExplicitAutograd")
+def _core_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *settings):
+    cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, CoreArgs(*settings), check_values=True)
+    forward, _ = _CORE_BACKENDS[core.backend]
     return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core)
 
 
-@_core_op.register_fake
+@torch.library.register_fake(_CORE_OP)
 def _core_op_fake(q, k, v, cu_seqlens_q, *args):
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
-@torch.library.custom_op("pi_kernels::attention_core_backward", mutates_args=())
-def _core_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                      max_seqlen_q: int | None, max_seqlen_k: int | None, causal: bool, softmax_scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    core = CoreArgs(max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend)
-    cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values=False)
-    _, backward = _CORE_BACKENDS[backend]
+@torch.library.impl(_CORE_BACKWARD_OP, "CompositeExplicitAutograd")
+def _core_backward_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *settings):
+    cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, CoreArgs(*settings), check_values=False)
+    _, backward = _CORE_BACKENDS[core.backend]
     return backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, core)
 
 
-@_core_backward_op.register_fake
+@torch.library.register_fake(_CORE_BACKWARD_OP)
 def _core_backward_op_fake(grad_out, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
