@@ -297,8 +297,9 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     layout : str
         One of ``"bshd"``, ``"bhsd"``, ``"sbhd"``, ``"thd"``.
     inplace : bool
-        Write into q and k, also under autograd and on views (``mark_dirty``). q and k must not overlap each other
-        or themselves (an expanded, stride-0 q is refused). Otherwise q and k are never modified.
+        Write into q and k, also under autograd and on views (``mark_dirty``; views under autograd take one launch
+        per tensor, PyTorch's rule for in-place Functions on views). q and k must not overlap each other or
+        themselves (an expanded, stride-0 q is refused). Otherwise q and k are never modified.
     cu_seqlens : Tensor, optional
         (n_seqs + 1,) int32/int64 cumulative sequence lengths; required for ``"thd"`` and only valid with it.
     max_seqlen : int, optional
