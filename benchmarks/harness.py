@@ -282,8 +282,13 @@ def environment() -> dict[str, str]:
         "triton": package_version("triton"),
         "python": platform.python_version(),
         "commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "date": utc_now(),
     }
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 to the second, the ``date`` of results rows (compares as a string)."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def device_slug(device_name: str) -> str:
@@ -909,6 +914,9 @@ def finish_run(
         latest = latest_rows(read_results(csv_path), key_cols)
         written = [csv_path]
         if plot is not None:
+            stamp_line = (f"torch {run.env['torch']}, triton {run.env['triton']}, commit {run.env['commit'] or '-'}, "
+                          f"{run.env['date']}")
+            plot = {**plot, "title": f"{plot.get('title', run.op)}\n{stamp_line}"}
             written.append(plot_bandwidth(latest, run.folder / f"{run.name}.png", **plot))
         table = summary(csv_path, latest)
         (run.folder / f"{run.name}-summary.md").write_text(table + "\n")

@@ -133,3 +133,14 @@ def test_headlines_find_every_target_in_gpu_shaped_rows(tmp_path):
     # Rows of an earlier run are not this run's.
     ctx.summary["started"] = "2026-12-02T00:00:00+00:00"
     assert all(line["measured"] == "-" for line in gpu_check.headlines(ctx) if "peak" not in line["what"])
+
+
+def test_a_test_run_cut_short_is_counted_from_its_log(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text("[gw0] [  1%] PASSED tests/test_rotary.py::test_a[x]\n"
+                   "[gw1] [  2%] FAILED tests/test_attention.py::test_b \n"
+                   "[gw0] [  3%] SKIPPED tests/test_csrc.py::test_c \n"
+                   "tests/test_rotary.py::test_d PASSED                [ 4%]\n")  # without xdist
+    counts = gpu_check._log_counts(log)
+    assert (counts["tests"], counts["failures"], counts["skipped"]) == (4, 1, 1)
+    assert counts["failed"] == ["tests/test_attention.py::test_b"]
