@@ -505,30 +505,63 @@ def test_paged_kv_cache_append_errors_leave_tensors_unchanged(device, case, faul
 def attention_cases(draw):
     seq_q = draw(st.integers(1, 6))
     n_kv_heads = draw(st.integers(1, 2))
+    seqlens_q = draw(st.lists(st.integers(0, 4), min_size=1, max_size=3))
     return dict(
         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), batch=draw(st.integers(1, 2)), seq_q=seq_q,
         # Two keys at least: with one, dq is exactly 0 and a relative error means nothing.
         seq_k=draw(st.integers(max(seq_q, 2), 8)), n_kv_heads=n_kv_heads, n_heads=n_kv_heads * draw(st.integers(1, 2)),
+        packed=draw(st.booleans()), seqlens_q=seqlens_q,
+        seqlens_k=[n + draw(st.integers(max(0, 2 - n), 3)) for n in seqlens_q],
         head_dim=draw(st.sampled_from([8, 16])), causal=draw(st.booleans()), interleaved=draw(st.booleans()),
         position_form=draw(st.sampled_from(["none", "int", "ids"])), scaling_factor=draw(st.sampled_from([1.0, 4.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
-@bounded(8)
+def cumulative(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
+
+
+@bounded(10)
 @given(case=attention_cases())
 def test_attention_rotary_matches_reference(device, case):
     generator = torch.Generator().manual_seed(case["seed"])
-    batch, dtype = case["batch"], case["dtype"]
-    q = randn(generator, (batch, case["seq_q"], case["n_heads"], case["head_dim"]), dtype, device)
-    k, v = (randn(generator, (batch, case["seq_k"], case["n_kv_heads"], case["head_dim"]), dtype, device)
-            for _ in range(2))
+    dtype, heads, head_dim = case["dtype"], (case["n_heads"], case["n_kv_heads"]), case["head_dim"]
+    if case["packed"]:
+        lead_q, lead_k = (sum(case["seqlens_q"]),), (sum(case["seqlens_k"]),)
+        options = dict(cu_seqlens_q=cumulative(case["seqlens_q"], device),
+                       cu_seqlens_k=cumulative(case["seqlens_k"], device))
+    else:
+        lead_q, lead_k, options = (case["batch"], case["seq_q"]), (case["batch"], case["seq_k"]), {}
+    q = randn(generator, (*lead_q, heads[0], head_dim), dtype, device)
+    k, v = (randn(generator, (*lead_k, heads[1], head_dim), dtype, device) for _ in range(2))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    positions, options = None, {}
+    positions = None
     if case["position_form"] == "int":
         positions = options["k_positions"] = 3000
     elif case["position_form"] == "ids":
-        positions = randint(generator, 9000, (batch, case["seq_q"]), torch.int64, device)
-        options["k_positions"] = randint(generator, 9000, (batch, case["seq_k"]), torch.int64, device)
+        positions = randint(generator, 9000, lead_q, torch.int64, device)
+        options["k_positions"] = randint(generator, 9000, lead_k, torch.int64, device)
     check_attention(q, k, v, positions, causal=case["causal"], interleaved=case["interleaved"],
                     scaling_factor=case["scaling_factor"], **options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# slot_mapping_from_block_table
+
+
+@bounded(30)
+@given(block_size=st.integers(1, 5), n_seqs=st.integers(1, 4), blocks_per_seq=st.integers(1, 4),
+       data=st.data())
+def test_slot_mapping_from_block_table(device, block_size, n_seqs, blocks_per_seq, data):
+    """Every token's slot is its sequence's physical block times block_size plus its offset; padding gets -1."""
+    physical = data.draw(st.permutations(range(n_seqs * blocks_per_seq)))
+    block_table = torch.tensor(physical, device=device).view(n_seqs, blocks_per_seq)
+    tokens = data.draw(st.lists(st.tuples(st.integers(0, n_seqs - 1), st.integers(-1, blocks_per_seq * block_size - 1)),
+                                min_size=1, max_size=8))
+    seq_ids = torch.tensor([seq for seq, _ in tokens], device=device)
+    cache_positions = torch.tensor([position for _, position in tokens], device=device)
+    slots = inference.slot_mapping_from_block_table(block_table, block_size, cache_positions, seq_ids)
+    expected = [-1 if position < 0 else physical[seq * blocks_per_seq + position // block_size] * block_size
+                + position % block_size for seq, position in tokens]
+    assert slots.tolist() == expected
