@@ -351,16 +351,13 @@ TABLE_COLUMNS = (
     ("batch", "batch", "d"),
     ("mode", "mode"),
     ("provider", "provider"),
-    ("median_ms", "median ms", ".4f"),
-    ("p20_ms", "p20", ".4f"),
-    ("p80_ms", "p80", ".4f"),
+    *harness.TIMING_COLUMNS,
     ("tflops", "TFLOP/s", ".1f"),
     ("peak_mib", "peak MiB", ".0f"),
     ("rope_cost", "/norope", ".3f"),
     ("vs_best_sdpa", "vs sdpa", ".2f"),
     ("target", "target"),
-    ("parity", "parity", ".1e"),
-    ("status", "status"),
+    *harness.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
     ("family", "family"),

@@ -72,14 +72,11 @@ TABLE_COLUMNS = (
     ("tokens", "tokens", "d"),
     ("dtype", "dtype"),
     ("provider", "provider"),
-    ("median_ms", "median ms", ".4f"),
-    ("p20_ms", "p20", ".4f"),
-    ("p80_ms", "p80", ".4f"),
+    *harness.TIMING_COLUMNS,
     ("gbs", "GB/s", ".1f"),
     ("frac_ceiling", "/copy", ".2f"),
     ("target", "fused<sep"),
-    ("parity", "parity", ".1e"),
-    ("status", "status"),
+    *harness.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
     ("family", "case"),

@@ -285,19 +285,12 @@ def _fill_ratios(rows: list[dict[str, Any]], on_gpu: bool) -> None:
 
 
 TABLE_COLUMNS = (
-    ("family", "family"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("mode", "mode"),
-    ("provider", "provider"),
-    ("median_ms", "median ms", ".4f"),
-    ("p20_ms", "p20", ".4f"),
-    ("p80_ms", "p80", ".4f"),
+    *harness.CELL_COLUMNS,
+    *harness.TIMING_COLUMNS,
     ("tflops", "TFLOP/s", ".1f"),
     ("vs_matmul", "/matmul", ".3f"),
     ("target", "target"),
-    ("parity", "parity", ".1e"),
-    ("status", "status"),
+    *harness.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
     ("family", "family"),

@@ -414,21 +414,14 @@ def run_group(
 
 
 TABLE_COLUMNS = (
-    ("family", "family"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("mode", "mode"),
-    ("provider", "provider"),
-    ("median_ms", "median ms", ".4f"),
-    ("p20_ms", "p20", ".4f"),
-    ("p80_ms", "p80", ".4f"),
+    *harness.CELL_COLUMNS,
+    *harness.TIMING_COLUMNS,
     ("gbs", "GB/s", ".1f"),
     ("frac_ceiling", "/copy", ".2f"),
     ("target", "target"),
     ("vs_best_other", "vs best", ".2f"),
     ("best_other", "best other"),
-    ("parity", "parity", ".1e"),
-    ("status", "status"),
+    *harness.CHECK_COLUMNS,
 )
 
 

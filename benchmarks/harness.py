@@ -486,6 +486,20 @@ def plot_bandwidth(
 
 
 Column = tuple[str, str] | tuple[str, str, str]
+# Table columns of every benchmark: which cell, its timing quantiles, its check against the reference.
+CELL_COLUMNS: tuple[Column, ...] = (
+    ("family", "family"),
+    ("tokens", "tokens", "d"),
+    ("dtype", "dtype"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+)
+TIMING_COLUMNS: tuple[Column, ...] = (
+    ("median_ms", "median ms", ".4f"),
+    ("p20_ms", "p20", ".4f"),
+    ("p80_ms", "p80", ".4f"),
+)
+CHECK_COLUMNS: tuple[Column, ...] = (("parity", "parity", ".1e"), ("status", "status"))
 
 
 def _cell(value: Any, spec: str) -> str:
