@@ -248,9 +248,11 @@ def package_version(dist: str) -> str:
 
 
 def _git_commit() -> str:
+    """Short hash of HEAD, ``-dirty`` when tracked files differ from it; else ``$PI_KERNELS_COMMIT`` (a copy of the
+    working tree without ``.git``, as on a lent GPU machine), else ``""``."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -258,7 +260,7 @@ def _git_commit() -> str:
             check=True,
         )
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return os.environ.get("PI_KERNELS_COMMIT", "")
     return out.stdout.strip()
 
 
