@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .. import _backend, _torch_backend
 from .. import _validation as validation
 from .._positions import POSITIONS_ARANGE, POSITIONS_OFFSETS, PositionSpec
 from . import _interpreting
@@ -55,7 +56,7 @@ from .attention_kernels import (
     _attention_backward_dq_kernel,
     _attention_forward_kernel,
 )
-from .rotary import launch_rotary_kernel
+from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 
 __all__ = ["AttentionRotary", "AttentionRotaryFunction", "CoreArgs", "RotationArgs", "attention_backward",
            "attention_forward", "attention_rotary", "rotate_qk"]
@@ -77,6 +78,7 @@ class RotationArgs(NamedTuple):
     interleaved: bool
     rotate_q: bool
     rotate_k: bool
+    backend: str               # a key of rotary.LAUNCHERS: "triton" or "torch"
 
 
 class CoreArgs(NamedTuple):
@@ -147,8 +149,9 @@ def rotate_qk(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_fr
     rotate = (turns, rotation.rotary_dim, rotation.interleaved, conjugate)
     same_tokens = cu_seqlens_k is None if varlen else q.shape[1] == k.shape[1]
     same_positions = q_spec.mode == k_spec.mode and q_spec.ids is k_spec.ids and q_spec.offset == k_spec.offset
+    launch = ROTARY_LAUNCHERS[rotation.backend]
     if rotation.rotate_q and rotation.rotate_k and same_tokens and same_positions:
-        launch_rotary_kernel(q4, k4, _bshd(q_out, varlen)[0], _bshd(k_out, varlen)[0], q_spec, cu_seqlens_q,
+        launch(q4, k4, _bshd(q_out, varlen)[0], _bshd(k_out, varlen)[0], q_spec, cu_seqlens_q,
                              *rotate)
         return q_out, k_out
     cu_seqlens_k = cu_seqlens_q if varlen and cu_seqlens_k is None else cu_seqlens_k
@@ -157,7 +160,7 @@ def rotate_qk(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_fr
         if enabled:
             out4 = _bshd(out, varlen)[0]
             # The kernel rotates two tensors; the second is given no heads.
-            launch_rotary_kernel(x4, x4[:, :, :0], out4, out4[:, :, :0], spec, cu_seqlens, *rotate)
+            launch(x4, x4[:, :, :0], out4, out4[:, :, :0], spec, cu_seqlens, *rotate)
     return q_out, k_out
 
 
@@ -332,7 +335,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
 
 
 # Backend name -> (forward, backward) of the core, with the signatures of attention_forward / attention_backward.
-_CORE_BACKENDS = {"triton": (attention_forward, attention_backward)}
+_CORE_BACKENDS = {"triton": (attention_forward, attention_backward),
+                  "torch": (_torch_backend.attention_forward, _torch_backend.attention_backward)}
 
 
 def _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values):
@@ -498,7 +502,7 @@ def _resolve_key_positions(q, k, positions, k_positions, q_spec, rotate_q, rotat
 def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.0, inv_freq=None, rotary_dim=None,
                      interleaved=False, causal=True, softmax_scale=None, k_positions=None, cu_seqlens_q=None,
                      cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, rotate_q=True, rotate_k=True,
-                     return_lse=False):
+                     return_lse=False, backend="auto"):
     """Softmax attention of un-rotated q and k with interpolated RoPE: a rotation pass, then flash attention.
 
     Equals :func:`rotary_interp` on q and k followed by exact softmax attention, without any seq_q × seq_k tensor:
@@ -540,6 +544,10 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
         cache-append op): the decode path. Both False: plain attention on pre-rotated inputs.
     return_lse : bool
         Also return the float32 log-sum-exp of the scaled scores (not differentiable).
+    backend : str
+        ``"auto"`` (Triton for GPU inputs; for CPU inputs ``"torch"``, or Triton's interpreter when
+        ``TRITON_INTERPRET=1``), ``"triton"`` or ``"torch"``: the rotation of ``rotary_interp``'s torch backend and
+        exact attention in float32 PyTorch matmuls over chunks of queries (memory O(chunk · seq_k)).
 
     Returns
     -------
@@ -580,9 +588,11 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
         q_spec = validation.resolve_positions(positions, q.shape[0], q.shape[1], q.device)
     k_spec = _resolve_key_positions(q, k, positions, k_positions, q_spec, rotate_q, rotate_k, same_tokens, varlen,
                                     cu_seqlens_k, max_seqlen_k)
+    backend = _backend.resolve_backend(backend, q.device, _backend.NO_CUDA)
     rotation = RotationArgs(q_spec.mode, q_spec.offset, positions is None, k_spec.mode, k_spec.offset, float(base),
-                            float(scaling_factor), rotary_dim, bool(interleaved), bool(rotate_q), bool(rotate_k))
-    core = CoreArgs(max_seqlen_q, max_seqlen_k, bool(causal), softmax_scale, "triton")
+                            float(scaling_factor), rotary_dim, bool(interleaved), bool(rotate_q), bool(rotate_k),
+                            backend)
+    core = CoreArgs(max_seqlen_q, max_seqlen_k, bool(causal), softmax_scale, backend)
     # A tensor the keys share with the queries is passed once (see _position_specs).
     k_ids = None if k_spec.ids is q_spec.ids else k_spec.ids
     cu_seqlens_k = None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k
@@ -625,7 +635,7 @@ class AttentionRotary(torch.nn.Module):
 
     def forward(self, q, k, v, positions=None, **options):
         """Attend; ``options`` are the per-call arguments of :func:`attention_rotary` (k_positions, cu_seqlens_q,
-        cu_seqlens_k, max_seqlen_q, max_seqlen_k, rotate_q, rotate_k, return_lse)."""
+        cu_seqlens_k, max_seqlen_q, max_seqlen_k, rotate_q, rotate_k, return_lse, backend)."""
         return attention_rotary(q, k, v, positions, scaling_factor=self.scaling_factor, base=self.base,
                                 inv_freq=self.inv_freq, rotary_dim=self.rotary_dim, interleaved=self.interleaved,
                                 causal=self.causal, softmax_scale=self.softmax_scale, **options)
