@@ -10,7 +10,7 @@ HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(torch.versi
 # On a GPU machine with pytest-xdist the tests run in parallel: Triton's compiles dominate, one worker per core.
 PYTEST_PARALLEL := $(shell nvidia-smi -L >/dev/null 2>&1 && $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
-.PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension
+.PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension check-triton-newest
 
 install:
 ifeq ($(HAVE_CUDA_TORCH),yes)
@@ -50,3 +50,13 @@ check-extension:
 	$(CUDA_VENV)/bin/python -c "import sys, torch, numpy; sys.exit(torch.version.cuda is None)" 2>/dev/null \
 		|| $(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) numpy
 	$(CUDA_VENV)/bin/python tests/extension_check.py
+
+# The newest Triton, which a fresh `pip install .` picks, in a virtual environment layered on this one: the rotary and
+# inference kernels under its interpreter, and the torch backend beside them (a few minutes on 2 cores).
+TRITON_NEWEST ?= triton==3.9.0
+TRITON_NEWEST_VENV ?= /tmp/venv-triton-newest
+check-triton-newest:
+	test -x $(TRITON_NEWEST_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(TRITON_NEWEST_VENV)
+	$(TRITON_NEWEST_VENV)/bin/python -m pip install -q --no-deps $(TRITON_NEWEST)
+	$(TRITON_NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_inference.py \
+		tests/test_torch_backend.py -k "not compile and not hypothesis"
