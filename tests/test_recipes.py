@@ -341,3 +341,20 @@ def test_command_line_entry_point():
     assert done.returncode == 0, done.stderr
     assert "usage: python -m pi_kernels.recipes.extend_context" in done.stdout and "--resume" in done.stdout
     assert "--preset" in done.stdout and "--finetune-passkey" in done.stdout
+
+
+def test_probe_of_a_pretrained_model_by_position(smoke_run, tmp_path):
+    """A pretrained model on a preset with a probe runs the probe alone: perplexity by position past L."""
+    out, _ = smoke_run
+    cfg = recipe.dataclasses.replace(SMOKE, model=str(out / "checkpoints" / "base"),
+                                     probe=recipe.ProbeConfig(window_factor=1.5, factor=2.0, windows=2))
+    results = recipe.run(cfg, out=tmp_path, preset="smoke", command="probe")
+    probe = results["probe"]
+    assert (probe["context"], probe["window"], probe["windows"]) == (32, 48, 2) and results["rows"] == []
+    assert [row["scaling"] for row in probe["rows"]] == ["extrapolation", "pi", "ntk", "yarn"]
+    for row in probe["rows"]:
+        assert [(part["from"], part["to"]) for part in row["positions"]] == [(0, 16), (16, 32), (32, 40), (40, 48)]
+        assert all(part["value"] > 1.0 and part["targets"] > 0 for part in row["positions"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| Method | 0-16 | 16-32 | 32-40 | 40-48 |" in table and "| PI, no FT |" in table
+    assert (tmp_path / "probe.png").exists() and not (tmp_path / "perplexity.png").exists()

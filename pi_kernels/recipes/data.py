@@ -127,7 +127,7 @@ class TokenStream:
     def from_documents(cls, tokenizer, documents):
         separator = tokenizer.encode(DOCUMENT_SEPARATOR)
         pieces, starts, lengths, offset = [], [], [], 0
-        for ids in tokenizer.encode_batch(documents):
+        for ids in tokenizer.encode_batch(documents) if documents else []:
             starts.append(offset)
             lengths.append(len(ids))
             pieces.append(torch.tensor(ids + separator, dtype=_token_dtype(tokenizer.vocab_size)))

@@ -46,6 +46,7 @@ import torch
 import transformers
 import triton
 from tqdm.auto import tqdm
+from transformers.initialization import no_init_weights
 
 import pi_kernels
 from pi_kernels.integrations.transformers import patch_model
@@ -69,9 +70,9 @@ METHODS = {
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """SmolLM2 without fine-tuning on a few long windows: perplexity by token position, inside and past L."""
+    """A pretrained model without fine-tuning on a few long windows: perplexity by token position, inside and past L."""
 
-    window: int                   # tokens per window, past the model's trained context
+    window_factor: float          # tokens per window, in multiples of the trained context L (> 1)
     factor: float                 # the scaling methods' extension factor
     windows: int
     methods: tuple = ("extrapolation", "pi", "ntk", "yarn")
@@ -124,15 +125,16 @@ GPU_CONFIG = RecipeConfig(
     finetune_lr=2e-5, finetune_warmup=5, finetune_passkey=False, eval_targets=32768, eval_block=2048,
     passkey_trials=20, eval_batch_tokens=65536, checkpoint_every=20, max_train_chars=20_000_000)
 
-# Two CPU cores, about 20 minutes: a 1.1M-parameter Llama (BPE 2048, head_dim 64) trained at L = 64, extended x4 by
-# each method with and without 60 fine-tuning steps; then SmolLM2 on two 12k windows without fine-tuning.
+# Two CPU cores, about 20 minutes: a 0.7M-parameter Llama (BPE 2048, 2 layers, head_dim 64) trained at L = 64 on
+# 1M tokens, extended x4 by each method with and without the same 40 fine-tuning steps, 8 rows evaluated at
+# 64..512; then SmolLM2 without fine-tuning on a 9k-token window (factor 2 for the scaling methods).
 CPU_CONFIG = RecipeConfig(
     model="builtin", context=64, factors=(4,), eval_multiples=(1, 2, 4, 8), methods=("pi", "ntk", "yarn"),
-    vocab_size=2048, hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=2, intermediate_size=384,
-    batch_tokens=4096, base_steps=400, base_lr=2e-3, base_warmup=40, base_passkey_fraction=0.1, finetune_steps=60,
-    finetune_lr=5e-4, finetune_warmup=6, finetune_passkey=False, eval_targets=32768, eval_block=256,
-    passkey_trials=50, eval_batch_tokens=16384, checkpoint_every=50, max_train_chars=12_000_000,
-    probe=ProbeConfig(window=12288, factor=2.0, windows=1))
+    vocab_size=2048, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384,
+    batch_tokens=4096, base_steps=250, base_lr=2e-3, base_warmup=25, base_passkey_fraction=0.1, finetune_steps=40,
+    finetune_lr=5e-4, finetune_warmup=5, finetune_passkey=False, eval_targets=32768, eval_block=256,
+    passkey_trials=30, eval_batch_tokens=16384, checkpoint_every=50, max_train_chars=12_000_000,
+    probe=ProbeConfig(window_factor=1.125, factor=2.0, windows=1))
 
 # A pipeline check on the interpreter in about a minute: the numbers are meaningless.
 SMOKE_CONFIG = RecipeConfig(
@@ -198,7 +200,7 @@ def train_stage(model, stage, cfg, data, out, device):
         model.gradient_checkpointing_enable()
     model.train()
     began = time.perf_counter() - seconds
-    progress = tqdm(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, disable=None)
+    progress = tqdm(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, mininterval=5)
     for step in progress:
         # Each step's batch depends only on (seed, batches, step): a resumed run sees the batches it would have had,
         # and every fine-tune at one L' sees the same ones.
@@ -299,7 +301,8 @@ def _builtin_config(cfg, vocab_size):
 
 def _build(config, state_dict, device):
     """A model of ``config`` with ``state_dict``, its RoPE on pi_kernels."""
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    with no_init_weights():  # every weight is loaded next: skip the random init
+        model = transformers.AutoModelForCausalLM.from_config(config)
     model.load_state_dict(state_dict)
     return patch_model(model.to(device))
 
@@ -341,19 +344,22 @@ def _flops_per_token(config, seq_len):
     return config.num_hidden_layers * (per_layer + attention) + 2 * config.hidden_size * config.vocab_size
 
 
-def _measure_flop_rate(config, device):
-    """FLOP/s of a forward and backward of a fresh model of ``config`` on 2 x 512 tokens (the second of two runs)."""
-    model = patch_model(transformers.AutoModelForCausalLM.from_config(config).to(device))
-    seq_len = min(512, config.max_position_embeddings)
-    tokens = torch.randint(0, config.vocab_size, (2, seq_len), device=device)
+def _measure_flop_rate(model, device, batch_tokens, *, max_len=2048, train=True):
+    """FLOP/s of ``model`` here and now on one batch of rows of <= ``max_len`` tokens (the second of two runs)."""
+    config = model.config
+    seq_len = min(max_len, config.max_position_embeddings)
+    tokens = torch.randint(0, config.vocab_size, (max(1, min(batch_tokens, 8192) // seq_len), seq_len), device=device)
     for _ in range(2):
         began = time.perf_counter()
-        with autocast(device):
-            model(input_ids=tokens, labels=tokens).loss.backward()
+        with autocast(device), torch.set_grad_enabled(train):
+            loss = model(input_ids=tokens, labels=tokens).loss
+            if train:
+                loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
-    return 3 * _flops_per_token(config, seq_len) * tokens.numel() / seconds
+    model.zero_grad(set_to_none=True)
+    return (3 if train else 1) * _flops_per_token(config, seq_len) * tokens.numel() / seconds
 
 
 def plan(cfg, base_config, rows, *, train_base):
@@ -378,6 +384,7 @@ def plan(cfg, base_config, rows, *, train_base):
 
 
 def _print_plan(cfg, preset, work, rate, device, probe_seconds):
+    """The plan and its estimated time."""
     print(f"Preset {preset!r} on {device.type.upper()}: model {cfg.model}, L' = "
           f"{', '.join(f'{f} L' for f in cfg.factors)}, methods extrapolation, {', '.join(cfg.methods)}.")
     total = 0.0
@@ -386,7 +393,7 @@ def _print_plan(cfg, preset, work, rate, device, probe_seconds):
         total += seconds
         print(f"  {what}: ~{seconds / 60:.1f} min")
     if probe_seconds:
-        print(f"  SmolLM2 long-window probe: ~{probe_seconds / 60:.1f} min")
+        print(f"  SmolLM2 long-window probe (measured on it): ~{probe_seconds / 60:.1f} min")
         total += probe_seconds
     print(f"Expected: ~{total / 60:.0f} min (measured {rate / 1e9:.1f} GFLOP/s here just now; a rough estimate).",
           flush=True)
@@ -418,7 +425,7 @@ def _environment(device):
             "tokenizers": metadata.version("tokenizers")}
 
 
-def _base_model_state(cfg, base_config, data, out, device, results, results_path):
+def _base_model_state(cfg, base_config, data, out, device, results):
     """Weights of the built-in base model trained at L (trained now, or read back from a finished stage)."""
     base_dir = out / "checkpoints" / "base"
     if (base_dir / "config.json").exists():
@@ -427,11 +434,11 @@ def _base_model_state(cfg, base_config, data, out, device, results, results_path
     model = patch_model(transformers.LlamaForCausalLM(base_config).to(device))
     stage = Stage("base", seq_len=cfg.context, steps=cfg.base_steps, lr=cfg.base_lr, warmup=cfg.base_warmup,
                   decay=True, weight_decay=cfg.weight_decay, passkey_fraction=cfg.base_passkey_fraction, batches=0)
-    results["training"]["base"] = train_stage(model, stage, cfg, data, out, device)
+    results.data["training"]["base"] = train_stage(model, stage, cfg, data, out, device)
     model.save_pretrained(base_dir)
     data["tokenizer"].save_pretrained(base_dir)  # a checkpoint that --model can extend again
     (out / "checkpoints" / "base.pt").unlink(missing_ok=True)
-    _write_json(results_path, results)
+    results.save()
     return model.state_dict()
 
 
@@ -441,22 +448,26 @@ def _row_record(row):
             "finetune_steps": row.stage.steps if row.stage else 0, "perplexity": {}, "passkey_accuracy": {}}
 
 
-def run_probe(probe, *, device, results, results_path, text_file=None):
-    """SmolLM2 without fine-tuning on ``probe.windows`` windows past its context: perplexity by position range."""
-    config, state, tokenizer = load_pretrained("smollm2")
+def run_probe(probe, pretrained, *, device, results, results_path, text_file=None):
+    """A pretrained model without fine-tuning on ``probe.windows`` windows past its context L (``probe.window_factor``
+    x L tokens): perplexity by token position, for extrapolation and each method at ``probe.factor``.
+
+    ``pretrained`` is what :func:`load_pretrained` returns. Writes ``results["probe"]``; resumes a partial one.
+    """
+    config, state, tokenizer = pretrained
     length = config.max_position_embeddings
+    window = int(length * probe.window_factor)
     _, corpus = recipe_data.load_corpus(lambda _documents: tokenizer, text_file, max_train_chars=0)
-    edges = [0, length // 2, length, (length + probe.window) // 2, probe.window]
-    section = results.setdefault("probe", {"model": "SmolLM2-135M-Instruct (GGUF, dequantized to fp32)",
-                                           "context": length, "window": probe.window, "windows": probe.windows,
-                                           "factor": probe.factor, "rows": []})
+    edges = [0, length // 2, length, (length + window) // 2, window]
+    section = results.setdefault("probe", {"model": results["model"], "context": length, "window": window,
+                                           "windows": probe.windows, "factor": probe.factor, "rows": []})
     done = {row["scaling"] for row in section["rows"]}
-    for method in tqdm(probe.methods, desc="SmolLM2 probe", disable=None):
+    for method in tqdm(probe.methods, desc="probe"):
         if method in done:
             continue
         model = _build(scaled_config(config, method, probe.factor if method != "extrapolation" else 1), state, device)
         began = time.perf_counter()
-        positions = position_perplexity(model, corpus.held_out, probe.window, windows=probe.windows, edges=edges,
+        positions = position_perplexity(model, corpus.held_out, window, windows=probe.windows, edges=edges,
                                         device=device)
         section["rows"].append({"method": METHODS[method][0], "scaling": method, "positions": positions,
                                 "seconds": round(time.perf_counter() - began, 1)})
@@ -466,32 +477,99 @@ def run_probe(probe, *, device, results, results_path, text_file=None):
     return section
 
 
+def _probe_seconds(probe, pretrained, device):
+    """Estimated time of :func:`run_probe` from a forward measured now on the model itself."""
+    config = pretrained[0]
+    window = int(config.max_position_embeddings * probe.window_factor)
+    rate = _measure_flop_rate(_build(config, pretrained[1], device), device, 512, max_len=512, train=False)
+    return len(probe.methods) * probe.windows * window * _flops_per_token(config, window) / rate
+
+
+class _Results:
+    """``out/results.json``: a new run's, or the interrupted one's when resuming with the same settings."""
+
+    def __init__(self, out, settings, *, resume, command, header):
+        self.path = out / "results.json"
+        if self.path.exists() and not resume:
+            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        previous = json.loads(self.path.read_text()) if self.path.exists() else None
+        if previous is not None and {key: previous.get(key) for key in settings} != json.loads(json.dumps(settings)):
+            raise ValueError(f"{out} holds a run with other settings; it cannot be resumed with these")
+        self.data = previous or {**settings, **header, "rows": [], "training": {}, "seconds": 0.0,
+                                 "command": command}
+        if previous is not None:
+            self.data.setdefault("resumed_with", []).append(command)
+        self._seconds_before = self.data["seconds"]
+        self._began = time.perf_counter()
+
+    def save(self):
+        self.data["seconds"] = round(self._seconds_before + time.perf_counter() - self._began, 1)
+        _write_json(self.path, self.data)
+
+
+def _write_reports(results, out, command, smoke):
+    tables = format_tables(results)
+    notes = findings(results) if results["rows"] else []
+    (out / "table.md").write_text(
+        ("> SMOKE RUN: tiny model, few steps; the numbers are meaningless.\n\n" if smoke else "")
+        + f"Command: `{command}`\n\nRan on {results['environment']['device']} with "
+          f"{results['environment']['ops']}, {results['seconds'] / 60:.0f} min.\n\n{tables}\n\n"
+        + "\n".join(f"- {line}" for line in notes) + "\n")
+    write_plots(results, out)
+    print("\n" + tables + "\n\n" + "\n".join(notes))
+    print(f"\nResults: {out / 'results.json'}, {out / 'table.md'} and plots in {out} "
+          f"({results['seconds'] / 60:.1f} min)")
+
+
 def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=None, probe=True):
-    """Run the recipe into ``out``; returns the results dict (also ``out/results.json``)."""
+    """Run the recipe into ``out``; returns the results dict (also ``out/results.json``).
+
+    A pretrained model on a preset with a probe (``cpu``) runs the probe only: fine-tuning it does not fit there.
+    The built-in model runs the method, then (``probe``) the probe of SmolLM2 where its package is installed.
+    """
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results_path = out / "results.json"
-    settings = {"config": dataclasses.asdict(cfg), "preset": preset, "text": text_file}
-    if results_path.exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    previous = json.loads(results_path.read_text()) if results_path.exists() else None
-    if previous is not None and {key: previous.get(key) for key in settings} != json.loads(json.dumps(settings)):
-        raise ValueError(f"{out} holds a run with other settings; it cannot be resumed with these")
+    settings = {"config": dataclasses.asdict(cfg), "preset": preset, "text": text_file, "with_probe": probe}
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    began = time.perf_counter()
     smoke = preset == "smoke"
     if smoke:
         print("SMOKE RUN: a tiny model trained for a few steps; the numbers below are meaningless and only show that "
               "the pipeline works.")
-
     builtin = cfg.model == "builtin"
+    probe_model = "smollm2" if builtin else cfg.model
+    if probe and cfg.probe is not None and builtin:
+        try:
+            recipe_data.smollm2_gguf_path()
+        except ImportError as err:
+            print(f"Skipping the SmolLM2 probe: {err}")
+            probe = False
+    pretrained = load_pretrained(probe_model) if (probe and cfg.probe is not None) or not builtin else None
+    header = {"recipe": "pi_kernels.recipes.extend_context", "paper": "arXiv 2306.15595", "model": cfg.model,
+              "environment": _environment(device),
+              "note": ("SMOKE RUN: tiny model, few steps; the numbers are meaningless." if smoke else
+                       "Numbers as measured by this run; nothing is tuned to the expected outcome.")}
+
+    if not builtin and cfg.probe is not None:
+        probe_seconds = _probe_seconds(cfg.probe, pretrained, device)
+        print(f"Preset {preset!r} on {device.type.upper()}: {cfg.model} without fine-tuning (fine-tuning it does not "
+              f"fit this preset), perplexity by position on {cfg.probe.windows} window(s) past its context for "
+              f"{', '.join(cfg.probe.methods)}. Expected: ~{probe_seconds / 60:.0f} min.", flush=True)
+        results = _Results(out, settings, resume=resume, command=command,
+                           header={**header, "context": pretrained[0].max_position_embeddings, "eval_contexts": []})
+        results.data.update(environment=header["environment"])
+        run_probe(cfg.probe, pretrained, device=device, results=results.data, results_path=results.path,
+                  text_file=text_file)
+        results.save()
+        _write_reports(results.data, out, command, smoke)
+        return results.data
+
     tokenizer, corpus = recipe_data.load_corpus(_tokenizer_spec(cfg, out), text_file, cfg.max_train_chars)
     if builtin:
         base_config, base_state = _builtin_config(cfg, tokenizer.vocab_size), None
     else:
-        base_config, base_state, _ = load_pretrained(cfg.model)
+        base_config, base_state, _ = pretrained
     # The paper's prompt for pretrained models, where its ~100 tokens fit in L; the compact one that the built-in
     # model learns in its base training otherwise.
     passkey_format = PAPER_PASSKEY if not builtin and base_config.max_position_embeddings >= 512 else COMPACT_PASSKEY
@@ -501,45 +579,21 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
     contexts = [multiple * length for multiple in cfg.eval_multiples]
     targets = PerplexityTargets(corpus.held_out, block=cfg.eval_block, targets=cfg.eval_targets,
                                 max_context=max(contexts))
-    run_probe_now = probe and builtin and cfg.probe is not None
-    if run_probe_now:
-        try:
-            recipe_data.smollm2_gguf_path()
-        except ImportError as err:
-            print(f"Skipping the SmolLM2 probe: {err}")
-            run_probe_now = False
-    rate = _measure_flop_rate(base_config, device)
-    probe_seconds = 0.0
-    if run_probe_now:
-        gguf = recipe_data.smollm2_gguf_path()
-        smol_config = transformers.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        probe_seconds = (len(cfg.probe.methods) * cfg.probe.windows * cfg.probe.window
-                         * _flops_per_token(smol_config, cfg.probe.window) / rate)
+    rate = _measure_flop_rate(patch_model(transformers.AutoModelForCausalLM.from_config(base_config).to(device)),
+                              device, cfg.batch_tokens)
+    probe_seconds = _probe_seconds(cfg.probe, pretrained, device) if probe and cfg.probe is not None else 0.0
     _print_plan(cfg, preset, plan(cfg, base_config, rows, train_base=builtin), rate, device, probe_seconds)
 
-    results = previous or {**settings, "recipe": "pi_kernels.recipes.extend_context", "paper": "arXiv 2306.15595",
-                           "model": cfg.model, "context": length, "eval_contexts": contexts, "rows": [],
-                           "training": {}, "seconds": 0.0}
-    if previous is None:
-        results["command"] = command
-    else:
-        results.setdefault("resumed_with", []).append(command)
-    results.update(environment=_environment(device), corpus=corpus.description,
-                   note=("SMOKE RUN: tiny model, few steps; the numbers are meaningless." if smoke else
-                         "Numbers as measured by this run; nothing is tuned to the expected outcome."),
-                   passkey_format=dataclasses.asdict(passkey_format),
-                   perplexity_targets={"targets": targets.count, "documents": len(targets.documents),
-                                       "per_document": cfg.eval_block, "stride": "context / 2"})
-    seconds_before = results["seconds"]
-
-    def save():
-        results["seconds"] = round(seconds_before + time.perf_counter() - began, 1)
-        _write_json(results_path, results)
-
+    results = _Results(out, settings, resume=resume, command=command,
+                       header={**header, "context": length, "eval_contexts": contexts})
+    results.data.update(environment=header["environment"], corpus=corpus.description,
+                        passkey_format=dataclasses.asdict(passkey_format),
+                        perplexity_targets={"targets": targets.count, "documents": len(targets.documents),
+                                            "per_document": cfg.eval_block, "stride": "context / 2"})
     if builtin:
-        base_state = _base_model_state(cfg, base_config, data, out, device, results, results_path)
-    records = {row["key"]: row for row in results["rows"]}
-    for row in tqdm(rows, desc="rows", disable=None):
+        base_state = _base_model_state(cfg, base_config, data, out, device, results)
+    records = {row["key"]: row for row in results.data["rows"]}
+    for row in tqdm(rows, desc="rows"):
         record = records.setdefault(row.key, _row_record(row))
         pending = [c for c in contexts if str(c) not in record["perplexity"] or str(c) not in
                    record["passkey_accuracy"]]
@@ -552,10 +606,10 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
             if trained:
                 model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(stage_dir).state_dict())
             else:
-                results["training"][row.key] = train_stage(model, row.stage, cfg, data, out, device)
+                results.data["training"][row.key] = train_stage(model, row.stage, cfg, data, out, device)
                 model.save_pretrained(stage_dir)
                 (out / "checkpoints" / f"{row.key}.pt").unlink(missing_ok=True)
-                save()
+                results.save()
         for context in pending:
             record["perplexity"][str(context)] = perplexity(
                 model, targets, context, batch_tokens=cfg.eval_batch_tokens, device=device, bootstrap=cfg.bootstrap,
@@ -563,26 +617,19 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
             record["passkey_accuracy"][str(context)] = passkey_accuracy(
                 model, tokenizer, passkey_format, context, trials=cfg.passkey_trials, seed=cfg.seed,
                 batch_tokens=cfg.eval_batch_tokens, device=device)
-            results["rows"] = list(records.values())
-            save()
+            results.data["rows"] = list(records.values())
+            results.save()
         print(f"[{row.key}] {record['method']}, window {row.window}: perplexity "
               + ", ".join(f"{c}: {record['perplexity'][str(c)]['value']:.3g}" for c in contexts))
         del model
 
-    results["rows"] = list(records.values())
-    if run_probe_now:
-        run_probe(cfg.probe, device=device, results=results, results_path=results_path, text_file=text_file)
-    save()
-    tables = format_tables(results)
-    notes = findings(results)
-    (out / "table.md").write_text(
-        ("> SMOKE RUN: tiny model, few steps; the numbers are meaningless.\n\n" if smoke else "")
-        + f"Command: `{command}`\n\n{tables}\n\n" + "\n".join(f"- {line}" for line in notes) + "\n")
-    write_plots(results, out)
-    print("\n" + tables + "\n\n" + "\n".join(notes))
-    print(f"\nResults: {results_path}, {out / 'table.md'}, {out / 'perplexity.png'}, {out / 'passkey.png'} "
-          f"({results['seconds'] / 60:.1f} min)")
-    return results
+    results.data["rows"] = list(records.values())
+    if probe and cfg.probe is not None:
+        run_probe(cfg.probe, pretrained, device=device, results=results.data, results_path=results.path,
+                  text_file=text_file)
+    results.save()
+    _write_reports(results.data, out, command, smoke)
+    return results.data
 
 
 # --------------------------------------------------------------------------------------------------- command line
@@ -611,7 +658,8 @@ def build_parser():
                         help="mix passkey documents into the fine-tunes (default: none, zero-shot passkey)")
     parser.add_argument("--passkey-trials", type=int)
     parser.add_argument("--eval-targets", type=int, help="held-out targets scored at every context")
-    parser.add_argument("--no-probe", action="store_true", help="skip the cpu preset's SmolLM2 probe")
+    parser.add_argument("--no-probe", action="store_true", help="skip the cpu preset's SmolLM2 probe (with --model "
+                        "smollm2 the cpu preset runs the probe alone)")
     parser.add_argument("--seed", type=int)
     return parser
 

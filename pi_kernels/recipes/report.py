@@ -20,7 +20,7 @@ def format_tables(results):
     """The perplexity and passkey tables in the paper's shape (rows: method and window; columns: eval context)."""
     contexts = results["eval_contexts"]
     tables = []
-    for field, title, cell in (
+    for field, title, cell in () if not results["rows"] else (
             ("perplexity", "Perplexity on held-out documents, 95% bootstrap interval over documents (lower is "
                            "better)", _perplexity_cell),
             ("passkey_accuracy", "Passkey retrieval accuracy (chance: 0%)", _passkey_cell)):
@@ -86,7 +86,7 @@ def findings(results):
 
 
 def write_plots(results, out):
-    """perplexity.png and passkey.png: one line per row, against the evaluation context (log-2 axis)."""
+    """perplexity.png and passkey.png (one line per row, against the evaluation context), probe.png (by position)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +94,8 @@ def write_plots(results, out):
 
     contexts = results["eval_contexts"]
     paths = []
-    for name, field, ylabel in (("perplexity", "perplexity", "perplexity (log scale), 95% interval"),
+    for name, field, ylabel in () if not results["rows"] else (
+            ("perplexity", "perplexity", "perplexity (log scale), 95% interval"),
                                 ("passkey", "passkey_accuracy", "passkey accuracy")):
         figure, axis = plt.subplots(figsize=(8, 5))
         for row in results["rows"]:
@@ -119,6 +120,24 @@ def write_plots(results, out):
         axis.legend(fontsize=6, ncol=2)
         figure.tight_layout()
         path = out / f"{name}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        paths.append(path)
+    probe = results.get("probe")
+    if probe:
+        figure, axis = plt.subplots(figsize=(8, 4.5))
+        for row in probe["rows"]:
+            parts = row["positions"]
+            axis.step([part["from"] for part in parts] + [parts[-1]["to"]],
+                      [part["value"] for part in parts] + [parts[-1]["value"]], where="post", label=row["method"])
+        axis.axvline(probe["context"], color="grey", linestyle=":", label=f"trained context {probe['context']}")
+        axis.set_yscale("log")
+        axis.set_xlabel("token position in the window")
+        axis.set_ylabel("perplexity (log scale)")
+        axis.set_title(f"{probe['model']}, no fine-tuning")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = out / "probe.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         paths.append(path)
