@@ -420,7 +420,8 @@ def _environment(device):
 
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "pi_kernels": pi_kernels.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                       f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"),
             "ops": _ops_backend(device), "tqdm": metadata.version("tqdm"),
             "tokenizers": metadata.version("tokenizers")}
 
@@ -661,6 +662,8 @@ def build_parser():
     parser.add_argument("--no-probe", action="store_true", help="skip the cpu preset's SmolLM2 probe (with --model "
                         "smollm2 the cpu preset runs the probe alone)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a machine shared with "
+                        "other busy processes)")
     return parser
 
 
@@ -680,6 +683,8 @@ def config_from_args(args):
 def main(argv=None):
     """The command line; returns the results dict."""
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     # Positions come from transformers' own arange: skip the host sync per layer that checks them (process-wide).
     pi_kernels.set_value_checks(False)
     preset, cfg = config_from_args(args)
