@@ -10,6 +10,7 @@ Usage::
 
     python -m benchmarks.bench_cpu_patch                          # 4096 tokens a step, 1 thread, 8 timed steps
     python -m benchmarks.bench_cpu_patch --tokens 8192 --threads 2 --steps 12
+    python -m benchmarks.bench_cpu_patch --attention                # patch_model(model, attention=True)
 
 Run it without ``TRITON_INTERPRET`` set (with it, "auto" picks Triton's interpreter on CPU; the script refuses).
 """
@@ -31,11 +32,11 @@ CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden
               rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
 
 
-def make_models(seed):
+def make_models(seed, attention):
     """(unpatched, patched) copies of one random-weight model, each with its own AdamW."""
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, attn_implementation="sdpa"))
-    patched = patch_model(copy.deepcopy(model))
+    patched = patch_model(copy.deepcopy(model), attention=attention)
     return [(m, torch.optim.AdamW(m.parameters(), lr=1e-4)) for m in (model, patched)]
 
 
@@ -61,13 +62,15 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch 1)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both models")
+    parser.add_argument("--attention", action="store_true",
+                        help="patch with attention=True (RoPE fused into attention_rotary) instead of rotary only")
     args = parser.parse_args(argv)
     backend = _backend.resolve_backend("auto", torch.device("cpu"))
     if backend != "torch":
         raise SystemExit(f"backend='auto' resolves to {backend!r} on CPU here (TRITON_INTERPRET is set?); unset "
                          f"TRITON_INTERPRET to time the torch backend")
     torch.set_num_threads(args.threads)
-    (model, model_opt), (patched, patched_opt) = make_models(seed=0)
+    (model, model_opt), (patched, patched_opt) = make_models(seed=0, attention=args.attention)
     input_ids = torch.randint(0, CONFIG["vocab_size"], (1, args.tokens))
     first = train_step(model, model_opt, input_ids), train_step(patched, patched_opt, input_ids)
     if abs(first[0] - first[1]) > 1e-4 * abs(first[0]):
@@ -83,8 +86,8 @@ def main(argv=None):
             times[name].append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     print(f"LlamaForCausalLM, {params / 1e6:.2f}M parameters, {args.tokens} tokens a step, {args.threads} thread(s), "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; patched = pi_kernels backend "
-          f"{backend!r}; first loss {first[0]:.5f} both")
+          f"torch {torch.__version__}, transformers {transformers.__version__}; patched = "
+          f"patch_model(attention={args.attention}), pi_kernels backend {backend!r}; first loss {first[0]:.5f} both")
     print(f"{'model':<10} {'median s':>9} {'p20 s':>8} {'p80 s':>8}")
     medians = {}
     for name, values in times.items():
