@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import pi_kernels
-from pi_kernels import inference
+from pi_kernels import _torch_backend, inference
+from pi_kernels._positions import POSITIONS_ARANGE, POSITIONS_IDS, PositionSpec
+from pi_kernels.ops._rope import turns_table
 from pi_kernels.reference import (
     attention_rotary_reference,
     qkv_proj_rotary_reference,
@@ -99,6 +101,27 @@ def test_rotary_odd_shapes(device, seq):
     assert_close(k_out, k_ref, torch.float32, name="k")
 
 
+def test_poisoned_outputs_are_fully_written(device):
+    """The torch launchers write every element of their outputs (NaN-filled here), the tail past rotary_dim too."""
+    q, k = make_qk("bshd", device, torch.float32)
+    spec = PositionSpec(POSITIONS_IDS, make_positions("ids", "bshd", device), 0)
+    turns = turns_table(None, 10000.0, 4.0, 48, device)
+    q_out, k_out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+    _torch_backend.rotary(q, k, q_out, k_out, spec, None, turns, 48, False, False)
+    q_ref, k_ref = rotary_interp_reference(q.double(), k.double(), spec.ids, scaling_factor=4.0, rotary_dim=48)
+    assert_close(q_out, q_ref, torch.float32, name="q")
+    assert_close(k_out, k_ref, torch.float32, name="k")
+    x, weight, bias = make_projection(device, torch.float32)
+    outs = [torch.full((2, 37, heads, 80), float("nan"), device=device) for heads in (4, 2, 2)]
+    rows = weight.split([320, 160, 160])
+    _torch_backend.qkv_proj(x, rows, bias.split([320, 160, 160]), outs, PositionSpec(POSITIONS_ARANGE, None, 5),
+                            None, turns_table(None, 10000.0, 4.0, 48, device), 80, 48, False)
+    refs = qkv_proj_rotary_reference(x.double(), weight.double(), bias.double(), **HEADS, positions=5,
+                                     scaling_factor=4.0, rotary_dim=48)
+    for name, out, ref in zip("qkv", outs, refs, strict=True):
+        assert_close(out, ref, torch.float32, name=name)
+
+
 def test_rotary_precision_at_a_million_positions(device):
     """The float64 angle reduction: error at position ~2**20 stays at the float32 level."""
     q, k = make_qk("bshd", device, torch.float32, seq=8)
@@ -110,9 +133,10 @@ def test_rotary_precision_at_a_million_positions(device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["bshd", "thd"])
-@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("inplace", ["no", "non_leaf", "views"])
 def test_rotary_gradients(device, dtype, layout, inplace):
-    """Gradients with random upstream grads, through a view when in place, against the float64 reference."""
+    """Gradients with random upstream grads, in place on a non-leaf or on views of one buffer (as a model rotates
+    slices of its fused projection), against the float64 reference."""
     q, k = make_qk(layout, device, dtype)
     positions = make_positions("ids", layout, device)
     options = dict(scaling_factor=4.0, rotary_dim=48, layout=layout)
@@ -120,9 +144,14 @@ def test_rotary_gradients(device, dtype, layout, inplace):
         options["cu_seqlens"] = cu_seqlens_for(SEQLENS, device)
     q_leaf, k_leaf = q.detach().requires_grad_(), k.detach().requires_grad_()
     grad_q, grad_k = torch.randn_like(q), torch.randn_like(k)
-    # In place on a non-leaf (the leaf times one), as a model rotates its projections.
-    q_in, k_in = (q_leaf * 1, k_leaf * 1) if inplace else (q_leaf, k_leaf)
-    q_out, k_out = pi_kernels.rotary_interp(q_in, k_in, positions, inplace=inplace, backend="torch", **options)
+    if inplace == "views":
+        n_heads = q.shape[-2]
+        fused = torch.cat((q_leaf, k_leaf), dim=-2) * 1
+        q_in, k_in = fused[..., :n_heads, :], fused[..., n_heads:, :]
+    else:
+        q_in, k_in = (q_leaf * 1, k_leaf * 1) if inplace == "non_leaf" else (q_leaf, k_leaf)
+    q_out, k_out = pi_kernels.rotary_interp(q_in, k_in, positions, inplace=inplace != "no", backend="torch",
+                                            **options)
     torch.autograd.backward((q_out, k_out), (grad_q, grad_k))
     q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
     torch.autograd.backward(rotary_interp_reference(q64, k64, positions, **options),
