@@ -197,13 +197,12 @@ def _ungrouped(x):
     return x.permute(0, 3, 1, 2, 4).flatten(2, 3)
 
 
-def _scores(q_chunk, k, rows, seq_q, core):
-    """Scaled scores of query rows ``rows``: q_chunk (b, hk, g, c, d) against k (b, hk, sk, d) → (b, hk, g, c, sk);
-    -inf where the causal mask (bottom-right aligned) hides a key."""
+def _scores(q_chunk, k, rows, diagonal, core):
+    """Scaled scores of query rows ``rows``: q_chunk (b, hk, g, c, d) against k (b, hk, keys, d) → (b, hk, g, c,
+    keys); -inf where the causal mask hides a key (bottom-right aligned: row i sees keys j ≤ i + ``diagonal``)."""
     scores = torch.matmul(q_chunk, k.unsqueeze(2).transpose(-1, -2)).mul_(core.softmax_scale)
     if core.causal:
-        seq_k = k.shape[2]
-        hidden = torch.arange(seq_k, device=k.device) > (rows + (seq_k - seq_q)).unsqueeze(1)
+        hidden = torch.arange(k.shape[2], device=k.device) > (rows + diagonal).unsqueeze(1)
         scores.masked_fill_(hidden, float("-inf"))
     return scores
 
@@ -213,46 +212,50 @@ def _probabilities(scores, lse):
     return scores.sub_(torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)).exp_()
 
 
-def _chunks(q_grouped, seq_k):
-    """(start, query rows) of each chunk of queries."""
+def _chunks(q_grouped, seq_k, causal):
+    """(query rows as a slice and as indices, keys they can see) of each chunk of queries; with the causal mask a
+    chunk's keys end after its last row's diagonal, so the hidden upper triangle is mostly not computed."""
     seq_q = q_grouped.shape[3]
     step = max(1, _CHUNK_ELEMENTS // (q_grouped.shape[0] * q_grouped.shape[1] * q_grouped.shape[2] * max(1, seq_k)))
-    return [(start, torch.arange(start, min(seq_q, start + step), device=q_grouped.device))
-            for start in range(0, seq_q, step)]
+    chunks = []
+    for start in range(0, seq_q, step):
+        end = min(seq_q, start + step)
+        keys = min(seq_k, max(0, end + seq_k - seq_q)) if causal else seq_k
+        chunks.append((slice(start, end), torch.arange(start, end, device=q_grouped.device), keys))
+    return chunks
 
 
 def _attend(q, k, v, core):
     """Forward of one dense batch in float32: q (b, sq, h, d), k/v (b, sk, hk, d) → out (b, sq, h, d),
     lse (b, h, sq)."""
-    n_kv_heads, seq_q = k.shape[2], q.shape[1]
+    n_kv_heads, seq_q, seq_k = k.shape[2], q.shape[1], k.shape[1]
     qg, kg, vg = _grouped(q, n_kv_heads), k.transpose(1, 2), v.transpose(1, 2)
     out = qg.new_empty(qg.shape)
     lse = qg.new_empty(qg.shape[:-1])
-    for start, rows in _chunks(qg, k.shape[1]):
-        chunk = slice(start, start + rows.shape[0])
-        scores = _scores(qg[..., chunk, :], kg, rows, seq_q, core)
+    for chunk, rows, keys in _chunks(qg, seq_k, core.causal):
+        scores = _scores(qg[..., chunk, :], kg[..., :keys, :], rows, seq_k - seq_q, core)
         lse[..., chunk] = chunk_lse = torch.logsumexp(scores, dim=-1)
-        out[..., chunk, :] = torch.matmul(_probabilities(scores, chunk_lse), vg.unsqueeze(2))
+        out[..., chunk, :] = torch.matmul(_probabilities(scores, chunk_lse), vg[..., :keys, :].unsqueeze(2))
     return _ungrouped(out), lse.flatten(1, 2)
 
 
 def _attend_backward(grad_out, q, k, v, out, lse, core):
     """Backward of :func:`_attend` in float32: (dq, dk, dv)."""
-    n_kv_heads, seq_q = k.shape[2], q.shape[1]
+    n_kv_heads, seq_q, seq_k = k.shape[2], q.shape[1], k.shape[1]
     qg, kg, vg = _grouped(q, n_kv_heads), k.transpose(1, 2), v.transpose(1, 2)
     grad_g = _grouped(grad_out, n_kv_heads)
     lse_g = lse.unflatten(1, (n_kv_heads, -1))
     delta = (grad_g * _grouped(out, n_kv_heads)).sum(-1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
     dq, dk, dv = qg.new_empty(qg.shape), torch.zeros_like(kg), torch.zeros_like(vg)
-    for start, rows in _chunks(qg, k.shape[1]):
-        chunk = slice(start, start + rows.shape[0])
-        probs = _probabilities(_scores(qg[..., chunk, :], kg, rows, seq_q, core), lse_g[..., chunk])
+    for chunk, rows, keys in _chunks(qg, seq_k, core.causal):
+        k_seen, v_seen = kg[..., :keys, :], vg[..., :keys, :]
+        probs = _probabilities(_scores(qg[..., chunk, :], k_seen, rows, seq_k - seq_q, core), lse_g[..., chunk])
         grad_chunk = grad_g[..., chunk, :]
-        dv += torch.matmul(probs.transpose(-1, -2), grad_chunk).sum(2)
-        dscores = torch.matmul(grad_chunk, vg.unsqueeze(2).transpose(-1, -2))
+        dv[..., :keys, :] += torch.matmul(probs.transpose(-1, -2), grad_chunk).sum(2)
+        dscores = torch.matmul(grad_chunk, v_seen.unsqueeze(2).transpose(-1, -2))
         dscores.sub_(delta[..., chunk].unsqueeze(-1)).mul_(probs).mul_(core.softmax_scale)
-        dq[..., chunk, :] = torch.matmul(dscores, kg.unsqueeze(2))
-        dk += torch.matmul(dscores.transpose(-1, -2), qg[..., chunk, :]).sum(2)
+        dq[..., chunk, :] = torch.matmul(dscores, k_seen.unsqueeze(2))
+        dk[..., :keys, :] += torch.matmul(dscores.transpose(-1, -2), qg[..., chunk, :]).sum(2)
     return _ungrouped(dq), dk.transpose(1, 2), dv.transpose(1, 2)
 
 

@@ -398,6 +398,24 @@ def test_attention_matches_reference(device, dtype, case):
         assert_close(x.grad, x64.grad, dtype, name=name)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq_q, seq_k", [(23, 31), (40, 37)])  # more queries than keys: the first see none
+def test_attention_in_chunks_of_queries(device, monkeypatch, causal, seq_q, seq_k):
+    """Scores capped at a few hundred elements: many chunks of queries, each (causal) with its own visible keys."""
+    monkeypatch.setattr(_torch_backend, "_CHUNK_ELEMENTS", 300)
+    q = torch.randn(2, seq_q, 4, 32, device=device, requires_grad=True)
+    k, v = (torch.randn(2, seq_k, 2, 32, device=device, requires_grad=True) for _ in range(2))
+    out = pi_kernels.attention_rotary(q, k, v, scaling_factor=2.0, causal=causal, backend="torch")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out_ref = attention_rotary_reference(q64, k64, v64, scaling_factor=2.0, causal=causal)
+    out_ref.backward(grad.double())
+    assert_close(out, out_ref, torch.float32, name="out")
+    for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close(x.grad, x64.grad, torch.float32, name=name)
+
+
 def test_attention_torch_compile_fullgraph(device):
     q = torch.randn(2, 33, 4, 64, device=device, requires_grad=True)
     k, v = (torch.randn(2, 33, 2, 64, device=device, requires_grad=True) for _ in range(2))
