@@ -1,0 +1,98 @@
+"""Issue 11's sm_90 budgets for attention, read from the compiled code without a GPU (``tests/attention_sass.py``).
+
+* RoPE costs nothing inside the loops: the instructions per inner-loop iteration of every attention kernel that a
+  call with RoPE launches are at most 1.10x those of the same kernel launched without RoPE;
+* every tile is a wgmma (``HGMMA``) with N >= 64;
+* the rows a program owns are 64 per warpgroup: no two warpgroups compute the same rows;
+* no spills in the bf16/fp16 configs.
+
+Marked ``static`` (it compiles for minutes): run by ``make check-static``, not by ``make test``.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+MISSING = [tool for tool in ("ptxas", "cuobjdump") if not (NVIDIA_BIN / tool).exists()]
+RATIO_BUDGET = 1.10
+MIN_WGMMA_N = 64
+
+pytestmark = [
+    pytest.mark.static,
+    pytest.mark.skipif(bool(MISSING), reason=f"the triton wheel has no {' or '.join(MISSING)} under {NVIDIA_BIN}"),
+]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("attention-sass")
+    # In a subprocess: conftest.py has set TRITON_INTERPRET here, and triton, once imported so, stays interpreting.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")  # a fresh cache, so ptxas runs and reports spills
+    out = tmp / "kernels.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "attention_sass.py"), "--json", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    print(proc.stdout)
+    assert proc.returncode == 0, f"attention_sass.py failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def _core(kernels):
+    """The compute-bound kernels (the delta pass is a row reduction without dots)."""
+    core = [kernel for kernel in kernels if "delta" not in kernel["name"]]
+    assert {kernel["name"] for kernel in core} == {"_attention_forward_kernel", "_attention_backward_dkdv_kernel",
+                                                   "_attention_backward_dq_kernel"}
+    return core
+
+
+def _launched_by(kernels, variant):
+    return [kernel for kernel in _core(kernels)
+            if any(label.startswith(variant + " [") for label in kernel["variants"])]
+
+
+@pytest.mark.parametrize("shapes", ["bf16 d128 causal", "fp16 d128 non-causal", "bf16 d64 non-causal"])
+def test_rope_adds_at_most_10_percent_per_iteration(kernels, shapes):
+    with_rope = _launched_by(kernels, f"{shapes} rope")
+    without = _launched_by(kernels, f"{shapes} no rope")
+    assert with_rope and without
+    for kernel in with_rope:
+        # The same kernel with the same tile and flags (dk-only and dv-only launches are told apart).
+        peers = [other for other in without if other["name"] == kernel["name"]
+                 and other["constexprs"] == kernel["constexprs"] and other["num_warps"] == kernel["num_warps"]]
+        assert peers, f"{kernel['name']} [{kernel['config']}] has no counterpart without RoPE"
+        ours = [loop["instructions"] for loop in kernel["loops"]]
+        theirs = [loop["instructions"] for loop in peers[0]["loops"]]
+        assert ours and len(ours) == len(theirs), (kernel["name"], ours, theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            assert a <= RATIO_BUDGET * b, f"{kernel['name']}: {a} vs {b} instructions per iteration with/without RoPE"
+
+
+def test_every_tile_is_a_wgmma_with_n_at_least_64(kernels):
+    for kernel in _core(kernels):
+        shapes = {mma for loop in kernel["loops"] for mma in loop["mma"]}
+        assert shapes, f"{kernel['name']} [{kernel['config']}]: no tensor-core instruction in its loops"
+        for mma in shapes:
+            match = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", mma)
+            assert match, f"{kernel['name']} [{kernel['config']}]: {mma} is not a wgmma"
+            assert int(match[2]) >= MIN_WGMMA_N, f"{kernel['name']} [{kernel['config']}]: {mma} has N < 64"
+
+
+def test_each_warpgroup_owns_its_rows(kernels):
+    for kernel in _core(kernels):
+        # Rows of the program's own tile: keys for dk/dv, queries otherwise; wgmma gives a warpgroup 64 rows.
+        rows = kernel["constexprs"]["BLOCK_N" if "dkdv" in kernel["name"] else "BLOCK_M"]
+        assert rows == 64 * kernel["num_warps"] // 4, f"{kernel['name']} [{kernel['config']}]: {rows} rows"
+
+
+def test_no_spills_in_16_bit_configs(kernels):
+    for kernel in kernels:
+        if kernel["dtype"] in ("bf16", "fp16"):
+            assert kernel["spills"] == 0, f"{kernel['name']} [{kernel['config']}]: {kernel['spills']} bytes spilled"
