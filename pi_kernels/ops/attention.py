@@ -126,8 +126,7 @@ def _position_specs(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, 
     if rotation.q_from_end:
         # Query i of a sequence sits at key position i + len_k - len_q (bottom-right alignment, as the mask).
         if cu_seqlens_q is None:
-            q_spec = PositionSpec(POSITIONS_ARANGE, None,
-                                             q_spec.offset + k.shape[1] - q.shape[1])
+            q_spec = PositionSpec(POSITIONS_ARANGE, None, q_spec.offset + k.shape[1] - q.shape[1])
         elif cu_seqlens_k is not None:
             lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
             lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
