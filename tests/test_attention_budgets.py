@@ -6,7 +6,7 @@
 * the rows a program owns are 64 per warpgroup: no two warpgroups compute the same rows;
 * no spills in the bf16/fp16 configs.
 
-Marked ``static`` (it compiles for minutes): run by ``make check-static``, not by ``make test``.
+Marked ``static`` (it compiles for a minute or more): run by ``make check-gpu-compile``, not by ``make test``.
 """
 
 import json
