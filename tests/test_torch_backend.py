@@ -203,10 +203,12 @@ def make_cos_sin_cache(rot_dim, device, dtype, max_position=300):
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("rot_dim", [80, 48])
 @pytest.mark.parametrize("from_cache", [True, False])
-def test_rotary_embedding_matches_reference(device, dtype, is_neox, rot_dim, from_cache):
-    fused = torch.randn(17, 6 * 80, device=device, dtype=dtype)
-    query, key = fused[:, :4 * 80], fused[:, 4 * 80:5 * 80]
-    positions = torch.randint(0, 300, (17,), device=device)
+@pytest.mark.parametrize("batched", [False, True])  # (tokens,) int64 positions, or (batch, seq) int32
+def test_rotary_embedding_matches_reference(device, dtype, is_neox, rot_dim, from_cache, batched):
+    lead = (2, 9) if batched else (17,)
+    fused = torch.randn(*lead, 6 * 80, device=device, dtype=dtype)
+    query, key = fused[..., :4 * 80], fused[..., 4 * 80:5 * 80]
+    positions = torch.randint(0, 300, lead, device=device, dtype=torch.int32 if batched else torch.int64)
     before = fused.clone()
     if from_cache:
         cos_sin_cache = make_cos_sin_cache(rot_dim, device, dtype)
@@ -219,7 +221,7 @@ def test_rotary_embedding_matches_reference(device, dtype, is_neox, rot_dim, fro
         inference.rotary_embedding_interp(positions, query, key, 80, backend="torch", **options)
     assert_close(query, q_ref, dtype, name="query")
     assert_close(key, k_ref, dtype, name="key")
-    assert torch.equal(fused[:, 5 * 80:], before[:, 5 * 80:]), "v was written"
+    assert torch.equal(fused[..., 5 * 80:], before[..., 5 * 80:]), "v was written"
 
 
 def test_rotary_embedding_outside_the_cache_is_left_alone(device):
