@@ -73,14 +73,14 @@ def _rotate_into(x4, out4, cos, sin, rotary_dim, interleaved, copy_tail):
     """out4 = x4 rotated; cos/sin broadcast against (..., rotary_dim // 2). out4 may be x4 (in place)."""
     if x4.numel() == 0:
         return
-    x1, x2 = _pairs(x4, rotary_dim, interleaved)
-    x1, x2 = x1.to(torch.float32), x2.to(torch.float32)
-    # Both halves are computed before either is written: in place, x1 and x2 may be views of out4.
-    out1 = torch.addcmul(x1 * cos, x2, sin, value=-1.0)
-    out2 = torch.addcmul(x1 * sin, x2, cos)
-    out_first, out_second = _pairs(out4, rotary_dim, interleaved)
-    out_first.copy_(out1)
-    out_second.copy_(out2)
+    # One float32 copy of the rotated features, one float32 result written back with a single rounding; both
+    # halves are computed before anything is written (in place, x4 and out4 are the same memory).
+    x1, x2 = _pairs(x4[..., :rotary_dim].to(torch.float32), rotary_dim, interleaved)
+    rotated = torch.empty(x4.shape[:-1] + (rotary_dim,), dtype=torch.float32, device=x4.device)
+    out1, out2 = _pairs(rotated, rotary_dim, interleaved)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x1, sin, out=out2).addcmul_(x2, cos)
+    out4[..., :rotary_dim].copy_(rotated)
     if copy_tail and rotary_dim < x4.shape[-1] and out4.data_ptr() != x4.data_ptr():
         out4[..., rotary_dim:].copy_(x4[..., rotary_dim:])
 
