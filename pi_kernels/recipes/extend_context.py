@@ -127,14 +127,14 @@ GPU_CONFIG = RecipeConfig(
 
 # Two CPU cores, about 20 minutes: a 0.7M-parameter Llama (BPE 2048, 2 layers, head_dim 64) trained at L = 64 on
 # 0.4M tokens, extended x4 by each method with and without the same 30 fine-tuning steps of 2048 tokens, 8 rows
-# evaluated at 64..512; then SmolLM2 without fine-tuning on a 9k-token window (factor 2 for the scaling methods).
+# evaluated at 64..512; then SmolLM2 without fine-tuning on a 12k-token window (factor 2 for the scaling methods).
 CPU_CONFIG = RecipeConfig(
     model="builtin", context=64, factors=(4,), eval_multiples=(1, 2, 4, 8), methods=("pi", "ntk", "yarn"),
     vocab_size=2048, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384,
     batch_tokens=2048, base_steps=200, base_lr=2e-3, base_warmup=20, base_passkey_fraction=0.1, finetune_steps=30,
     finetune_lr=5e-4, finetune_warmup=3, finetune_passkey=False, eval_targets=32768, eval_block=256,
     passkey_trials=30, eval_batch_tokens=16384, checkpoint_every=50, max_train_chars=12_000_000,
-    probe=ProbeConfig(window_factor=1.125, factor=2.0, windows=1))
+    probe=ProbeConfig(window_factor=1.5, factor=2.0, windows=1))
 
 # A pipeline check on the interpreter in about a minute: the numbers are meaningless.
 SMOKE_CONFIG = RecipeConfig(
