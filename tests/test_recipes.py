@@ -254,7 +254,7 @@ def test_position_perplexity_matches_a_direct_computation(device):
 
 
 def test_passkey_documents(tokenizer):
-    for length in (32, 100):
+    for length in (32, 100, 512):
         generator = torch.Generator().manual_seed(length)
         tokens, answer = recipe_data.passkey_document(tokenizer, recipe_data.COMPACT_PASSKEY, length, generator)
         text = tokenizer._tokenizer.decode(tokens.tolist())

@@ -239,8 +239,11 @@ def passkey_document(tokenizer, passkey_format, length, generator):
     n_filler = length - len(prefix) - len(hidden) - len(query) - len(answer)
     if n_filler < 0:
         raise ValueError(f"a passkey document needs {length - n_filler} tokens; the context {length} is too short")
-    filler_text = FILLER * (n_filler // max(1, len(tokenizer.encode(FILLER))) + 1)
-    filler = tokenizer.encode(filler_text)[:n_filler]
+    # Repeats can merge across their seams into fewer tokens than apart: grow until there are enough.
+    copies = n_filler // max(1, len(tokenizer.encode(FILLER))) + 1
+    while len(filler := tokenizer.encode(FILLER * copies)) < n_filler:
+        copies *= 2
+    filler = filler[:n_filler]
     depth = int(torch.randint(0, n_filler + 1, (), generator=generator))
     tokens = prefix + filler[:depth] + hidden + filler[depth:] + query + answer
     return torch.tensor(tokens, dtype=torch.int64), len(answer)
