@@ -125,14 +125,15 @@ GPU_CONFIG = RecipeConfig(
     finetune_lr=2e-5, finetune_warmup=5, finetune_passkey=False, eval_targets=32768, eval_block=2048,
     passkey_trials=20, eval_batch_tokens=65536, checkpoint_every=20, max_train_chars=20_000_000)
 
-# Two CPU cores, about 20 minutes: a 0.7M-parameter Llama (BPE 2048, 2 layers, head_dim 64) trained at L = 64 on
-# 0.4M tokens, extended x4 by each method with and without the same 30 fine-tuning steps of 2048 tokens, 8 rows
-# evaluated at 64..512; then SmolLM2 without fine-tuning on a 12k-token window (factor 2 for the scaling methods).
+# Two CPU cores, about 20 minutes (with --threads 1 where the cores are shared): a 0.7M-parameter Llama (BPE 2048,
+# 2 layers, head_dim 64) trained at L = 64 on 2.9M tokens (20 % passkey documents), extended x4 by each method with
+# and without the same 60 fine-tuning steps of 4096 tokens, 8 rows evaluated at 64..512; then SmolLM2 without
+# fine-tuning on a 12k-token window (factor 2 for the scaling methods).
 CPU_CONFIG = RecipeConfig(
     model="builtin", context=64, factors=(4,), eval_multiples=(1, 2, 4, 8), methods=("pi", "ntk", "yarn"),
     vocab_size=2048, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384,
-    batch_tokens=2048, base_steps=200, base_lr=2e-3, base_warmup=20, base_passkey_fraction=0.1, finetune_steps=30,
-    finetune_lr=5e-4, finetune_warmup=3, finetune_passkey=False, eval_targets=32768, eval_block=256,
+    batch_tokens=4096, base_steps=700, base_lr=2e-3, base_warmup=50, base_passkey_fraction=0.2, finetune_steps=60,
+    finetune_lr=5e-4, finetune_warmup=6, finetune_passkey=False, eval_targets=32768, eval_block=256,
     passkey_trials=30, eval_batch_tokens=16384, checkpoint_every=50, max_train_chars=12_000_000,
     probe=ProbeConfig(window_factor=1.5, factor=2.0, windows=1))
 
