@@ -10,7 +10,8 @@ HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(torch.versi
 # On a GPU machine with pytest-xdist the tests run in parallel: Triton's compiles dominate, one worker per core.
 PYTEST_PARALLEL := $(shell nvidia-smi -L >/dev/null 2>&1 && $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
-.PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension check-gpu-compile check-triton-newest
+.PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension check-gpu-compile check-triton-newest \
+	static-report
 
 install:
 ifeq ($(HAVE_CUDA_TORCH),yes)
@@ -32,13 +33,18 @@ lint:
 	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then $(PYTHON) -m ruff check .; \
 	else echo "ruff is not installed here (a GPU machine's image): lint skipped"; fi
 
-# The sm_90/sm_80 compile of every Triton kernel, the slowest test (155 s on 2 cores, issue 12), and attention's
-# sm_90 budgets (issue 11) are their own CI step after the tests, so that `make test` stays under ~10 minutes.
+# The sm_90/sm_80 compile of every kernel and the budgets of its machine code (tests marked `static`:
+# tests/test_gpu_compile.py, tests/test_attention_budgets.py; minutes on 2 cores, issues 11 and 12) are their own CI
+# step after the tests, so that `make test` stays under ~10 minutes.
 test: lint
-	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) --ignore=tests/test_gpu_compile.py --ignore=tests/test_attention_budgets.py
+	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) -m "not static"
 
 check-gpu-compile:
-	$(PYTHON) -m pytest -q tests/test_gpu_compile.py tests/test_attention_budgets.py
+	$(PYTHON) -m pytest -q -m static
+
+# Regenerates benchmarks/results/static/sm90.md and sm80.md (no GPU needed).
+static-report:
+	$(PYTHON) -m benchmarks.static_report --arch 90 80 --out benchmarks/results/static
 
 # One command of GPU truth (build, GPU tests, sanitizers, every benchmark) in at most 9 minutes; see README.
 gpu-check:

@@ -27,16 +27,14 @@ Variants
 --------
 :data:`VARIANTS` run the public ops over the constexpr branches of every kernel: layouts, position forms,
 interleaved, partial rotary, in place, backward (conjugate), varlen, decode, rotate off, causal or not, bias,
-masked K loop, fp32/bf16/fp16, head_dim 64/80/128. By default (the CI set: ~2.5 minutes on 2 idle cores) the autotuned
-QKV kernel compiles all its configs for ``qkv bf16 d128`` and, for its other variants, the config its pruning picks
-for these small inputs (the one that runs below 1024 tokens); ``--full`` adds variants and compiles every config of
-every variant (a GPU autotunes over all of them from 1024 tokens on): ~20 CPU-minutes, ~10-15 minutes on 2 cores.
-
-Known today (triton 3.6.0): the CI set passes; ``--full`` fails on 16 fp32 configs of the QKV GEMM whose shared
-memory exceeds the limit (6 on sm_90, 10 on sm_80, ieee and tf32): tuning skips them, none is the small-input config.
+masked K loop, fp32/bf16/fp16, head_dim 64/80/128. By default (the CI set) the autotuned QKV kernel compiles every
+config it may tune over for ``qkv bf16 d128`` and ``qkv fp32 d128 ieee`` (what its pruning keeps for a large input:
+its 16-bit or its fp32 configs) and, for its other variants, the config its pruning picks for these small inputs (the
+one that runs below 1024 tokens); ``--full`` adds variants and compiles every config of every variant.
 
 Usage: ``python tests/gpu_compile_check.py [--arch 90 80] [--full] [--only TEXT] [--jobs N]``; exit status 1 on
-any failure. ``tests/test_gpu_compile.py`` runs it in CI.
+any failure. ``benchmarks/static_report.py`` builds on this recorder (and reads the SASS); ``make check-static``
+(tests/test_gpu_compile.py) runs it in CI.
 """
 
 import os
@@ -44,6 +42,8 @@ import os
 # Before torch and triton are imported: @triton.jit decides at decoration time whether to interpret, and the ops
 # read the variable to pick their GPU or interpreter branch (qkv_proj picks its autotune configs at import).
 os.environ.pop("TRITON_INTERPRET", None)
+# The tests' single-config switch (conftest.py) would hide the autotune configs a GPU tunes over.
+os.environ.pop("PI_KERNELS_AUTOTUNE", None)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -134,6 +134,7 @@ class Job:
     options: dict
     config: str                  # launch parameters shown in the report
     autotuned: bool              # one config of an autotuned kernel
+    constants: dict              # constexpr arguments by name, and num_warps
     variants: list = field(default_factory=list)
 
     @property
@@ -175,7 +176,9 @@ class Recorder:
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
         names = [p.name for p in fn.params]
-        shown = {names[path[0]]: value for path, value in constexprs.items() if names[path[0]].startswith("BLOCK")}
+        constants = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+        constants["num_warps"] = options.num_warps
+        shown = {name: value for name, value in constants.items() if name.startswith("BLOCK")}
         config = " ".join([f"{k[6:] or k}={v}" for k, v in shown.items()]
                           + [f"w{options.num_warps}", f"s{options.num_stages}"])
         key = (self.arch, fn.fn.__module__, fn.fn.__name__, repr(signature), repr(constexprs), repr(attrs),
@@ -183,7 +186,8 @@ class Recorder:
         job = self.jobs.get(key)
         if job is None:
             job = self.jobs[key] = Job(self.arch, fn.fn.__module__, fn.fn.__name__, signature, constexprs, attrs,
-                                       dict(options.__dict__), config, self.tuning)
+                                       dict(options.__dict__), config, self.tuning,
+                                       constants)
         label = f"{self.variant} [{self.phase}]"
         if label not in job.variants:
             job.variants.append(label)
@@ -198,14 +202,18 @@ class Recorder:
             return None
 
         def autotune(tuner, *args, **kwargs):
-            # The library's pruning runs as on a GPU (it must not fail); then every config is recorded, or for a
-            # variant that does not ask for all of them, the ones the pruning keeps.
+            # The library's pruning runs as on a GPU (it must not fail) and picks what is compiled: for a variant
+            # that asks for every config, the configs it keeps for a large input (autotuning keys named
+            # LARGE_INPUT_KEYS set as for 2**20 tokens), i.e. every config a GPU may tune over and run for these
+            # dtypes; otherwise the one it keeps for these small inputs.
             tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
+            if recorder.every_config:
+                tuner.nargs.update({key: LARGE_INPUT for key in LARGE_INPUT_KEYS if key in tuner.nargs})
             kept = tuner.prune_configs(kwargs)
             assert kept and all(config in tuner.configs for config in kept), "pruning returned no or unknown configs"
             recorder.tuning = True
             try:
-                for config in tuner.configs if recorder.every_config else kept:
+                for config in kept:
                     tuner.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
                 recorder.tuning = False
@@ -228,6 +236,9 @@ class Recorder:
 
 
 RECORDER = Recorder()
+# Autotuning keys that measure the input size (qkv_proj's token_bucket), and the value they take for "a large input".
+LARGE_INPUT_KEYS = ("token_bucket",)
+LARGE_INPUT = 2 ** 20
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -390,9 +401,10 @@ VARIANTS = [
 
     # qkv_proj_rotary (autotuned GEMM): forward, then the rotary kernel and torch GEMMs in the backward.
     Variant("qkv bf16 d128", _qkv, dict(dtype=bf16, head_dim=128), every_config=True),
-    Variant("qkv fp16 d80 bias separate-weights hidden=200", _qkv, dict(dtype=fp16, head_dim=80, bias=True,
-                                                                         separate=True, hidden=200)),
-    Variant("qkv fp32 d128 ieee", _qkv, dict(dtype=fp32, head_dim=128)),
+    # hidden 520: a masked K loop (520 % BLOCK_K != 0) on rows that stay 16-byte aligned, as in real models.
+    Variant("qkv fp16 d80 bias separate-weights hidden=520", _qkv, dict(dtype=fp16, head_dim=80, bias=True,
+                                                                         separate=True, hidden=520)),
+    Variant("qkv fp32 d128 ieee", _qkv, dict(dtype=fp32, head_dim=128), every_config=True),
     Variant("qkv bf16 d128 varlen ids bias", _qkv, dict(dtype=bf16, head_dim=128, bias=True, varlen=True)),
     Variant("qkv fp32 d128 tf32", _qkv, dict(dtype=fp32, head_dim=128, matmul_precision="high"), ci=False),
 
@@ -518,7 +530,8 @@ def compile_job(job):
             compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)
     except Exception as exc:  # every compile error is a finding: report it, go on with the others
         return {"error": _short_error(exc), "seconds": time.perf_counter() - start}
-    result = {"seconds": time.perf_counter() - start, "smem": compiled.metadata.shared}
+    result = {"seconds": time.perf_counter() - start, "smem": compiled.metadata.shared,
+              "cubin": compiled.asm["cubin"]}
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     if spills is None:
         return {"error": "no spill figures in the ptxas -v log (was the kernel taken from a cache?):\n"
