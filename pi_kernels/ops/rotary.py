@@ -44,16 +44,18 @@ def _rotate_heads(
     row_in = (batch_idx * stride_b + tokens64 * stride_s)[:, None]
     row_out = (batch_idx * ostride_b + tokens64 * ostride_s)[:, None]
     if INTERLEAVED:
-        dim1 = 2 * pairs
-        dim2 = 2 * pairs + 1
+        # GPT-J pairs (2j, 2j + 1) are adjacent: the rotated features are loaded and stored as one contiguous run
+        # and split into pairs in registers, so accesses are 16 bytes wide rather than one element at stride 2.
+        dims = tl.arange(0, 2 * BLOCK_HALF).to(tl.int64)[None, :]
+        dims_in = dims * stride_d
+        dims_out = dims * ostride_d
+        pair_mask = token_mask[:, None] & (dims < 2 * ROTARY_HALF)
     else:
-        dim1 = pairs
-        dim2 = pairs + ROTARY_HALF
-    dim1_in = dim1.to(tl.int64)[None, :] * stride_d
-    dim2_in = dim2.to(tl.int64)[None, :] * stride_d
-    dim1_out = dim1.to(tl.int64)[None, :] * ostride_d
-    dim2_out = dim2.to(tl.int64)[None, :] * ostride_d
-    pair_mask = token_mask[:, None] & (pairs < ROTARY_HALF)[None, :]
+        dim1_in = pairs.to(tl.int64)[None, :] * stride_d
+        dim2_in = (pairs + ROTARY_HALF).to(tl.int64)[None, :] * stride_d
+        dim1_out = pairs.to(tl.int64)[None, :] * ostride_d
+        dim2_out = (pairs + ROTARY_HALF).to(tl.int64)[None, :] * ostride_d
+        pair_mask = token_mask[:, None] & (pairs < ROTARY_HALF)[None, :]
     if COPY_TAIL:
         tail = (2 * ROTARY_HALF + tl.arange(0, BLOCK_TAIL)).to(tl.int64)
         tail_mask = token_mask[:, None] & (tail < HEAD_DIM)[None, :]
@@ -65,10 +67,16 @@ def _rotate_heads(
         # tl.where, not `pair_mask & in_range`: Triton 3.9's interpreter keeps a block & scalar mask as int32 and
         # rejects it at the load; compiled, both give the same code.
         mask = tl.where(in_range, pair_mask, False)
-        x1 = tl.load(x_head + dim1_in, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_head + dim2_in, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_head + dim1_out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_head + dim2_out, (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty), mask=mask)
+        if INTERLEAVED:
+            x = tl.load(x_head + dims_in, mask=mask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (x.shape[0], BLOCK_HALF, 2)))
+            out = tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos)
+            tl.store(out_head + dims_out, tl.reshape(out, x.shape).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            x1 = tl.load(x_head + dim1_in, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_head + dim2_in, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_head + dim1_out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_head + dim2_out, (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty), mask=mask)
         if COPY_TAIL:
             # Features past rotary_dim pass through unchanged (only needed when not writing in place).
             head_tail_mask = tl.where(in_range, tail_mask, False)
