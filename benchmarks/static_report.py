@@ -119,9 +119,10 @@ def sass_metrics(sass):
             metrics.fp64 += 1
         elif opcode == "MUFU":
             metrics.mufu += 1
-        target = re.match(r"\s*(?:`\()?\s*0x([0-9a-f]+)", operands) if opcode == "BRA" else None
-        if target and int(target[1], 16) < address:
-            loops.append(Loop(int(target[1], 16), address))
+        # The target is the branch's last operand (a predicate may come first: BRA.U !UP0, 0x...).
+        target = re.findall(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target[-1], 16) < address:
+            loops.append(Loop(int(target[-1], 16), address))
     for loop in loops:
         body = [(opcode, modifiers) for address, opcode, modifiers, _ in instructions
                 if loop.start <= address <= loop.end]
