@@ -216,11 +216,17 @@ class Recorder:
                 tuner.nargs = None
             return None
 
-        JITFunction.run, Autotuner.run = run, autotune
+        # The ops choose their backend from the inputs' device; the recorder's CPU tensors stand for GPU ones, so
+        # the choice must be Triton's, as under the interpreter (only the backend choice is told so: the ops' own
+        # _interpreting() stays False and they take their GPU branches).
+        from pi_kernels import _backend
+        saved_interpreting = _backend._interpreting
+        JITFunction.run, Autotuner.run, _backend._interpreting = run, autotune, lambda: True
         try:
             yield
         finally:
             JITFunction.run, Autotuner.run = saved
+            _backend._interpreting = saved_interpreting
 
     def run_variant(self, arch, variant, full):
         self.arch, self.variant, self.phase = arch, variant.name, "fwd"
