@@ -33,7 +33,7 @@ its 16-bit or its fp32 configs) and, for its other variants, the config its prun
 one that runs below 1024 tokens); ``--full`` adds variants and compiles every config of every variant.
 
 Usage: ``python tests/gpu_compile_check.py [--arch 90 80] [--full] [--only TEXT] [--jobs N]``; exit status 1 on
-any failure. ``benchmarks/static_report.py`` builds on this recorder (and reads the SASS); ``make check-static``
+any failure. ``benchmarks/static_report.py`` builds on this recorder (and reads the SASS); ``make check-gpu-compile``
 (tests/test_gpu_compile.py) runs it in CI.
 """
 

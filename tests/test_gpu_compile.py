@@ -9,9 +9,8 @@ imported in interpreter mode, stays there.
 
 Budgets (issue 11): no spills in any shipped config of the non-attention kernels (4 bytes on sm_80); every global
 store of the rotary kernels, the cache appends and the QKV epilogue 128-bit on the contiguous path, in Triton and in
-CUDA; every QKV and attention tile a wgmma with N >= 64 on sm_90; attention's instructions per inner-loop iteration
-with RoPE at most 1.10x those without. Marked ``static``: slow (minutes), so ``make check-static`` runs these, not
-``make test``.
+CUDA; every QKV tile a wgmma with N >= 64 on sm_90 (attention's budgets: tests/test_attention_budgets.py). Marked
+``static``: slow (minutes), so ``make check-gpu-compile`` runs these, not ``make test``.
 """
 
 import json
@@ -54,12 +53,6 @@ STORE_BUDGET_VARIANTS = ("rotary bshd bf16 d128 arange", "rotary bshd fp32 d128 
                          "rotary_embedding bf16 d128 cos_sin_cache neox", "rotary_embedding_interp bf16 d128 neox",
                          "paged_kv_cache_append bf16 d128 nhd")
 ATTENTION = "_attention"
-# The attention kernels with an inner loop, and the variants (of tests/gpu_compile_check.py) compared: the same
-# shapes and options with RoPE and without.
-ATTENTION_LOOP_KERNELS = ("_attention_forward_kernel", "_attention_backward_dkdv_kernel",
-                          "_attention_backward_dq_kernel")
-WITH_ROPE, WITHOUT_ROPE = "attention bf16 d128 causal", "attention bf16 d128 rotate off"
-ROPE_LOOP_BUDGET = 1.10
 
 
 @pytest.fixture(scope="module")
@@ -124,32 +117,14 @@ def test_cuda_vector_path_stores_are_128_bit(report):
     assert not narrow, "global stores narrower than 128 bits (bits: count):\n" + "\n".join(narrow)
 
 
-@pytest.mark.parametrize("kernel", ["_qkv_rotary_kernel", *ATTENTION_LOOP_KERNELS])
-def test_tiles_use_wgmma_with_n_at_least_64_on_sm90(report, kernel):
+def test_qkv_tiles_use_wgmma_with_n_at_least_64_on_sm90(report):
+    # Attention's tiles: tests/test_attention_budgets.py. 16-bit operands only (fp32 without tf32, torch's default
+    # precision, is an FMA loop: no tensor cores).
     _, metrics = report
-    # 16-bit operands (fp32 without tf32, torch's default precision, is an FMA loop: no tensor cores).
-    # Decode (one query row per head) is left out: a wgmma tile has 64 rows.
-    compiled = [m for m in metrics if m["kernel"] == kernel and m["arch"] == 90 and m["dtype"] in ("bf16", "fp16")
-                and not all(" decode " in label for label in m["variants"])]
+    compiled = [m for m in metrics if m["kernel"] == "_qkv_rotary_kernel" and m["arch"] == 90
+                and m["dtype"] in ("bf16", "fp16")]
     assert compiled
     for m in compiled:
         shapes = [re.fullmatch(r"HGMMA\.64x(\d+)x\d+", name) for name in m["sass"]["mma"]]
         assert shapes and all(shapes), f"{_where(m)}: tensor-core instructions {m['sass']['mma']}, not HGMMA"
         assert min(int(shape[1]) for shape in shapes) >= 64, f"{_where(m)}: {m['sass']['mma']}"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", ATTENTION_LOOP_KERNELS)
-def test_attention_inner_loop_with_rope_within_budget(report, kernel, arch):
-    _, metrics = report
-
-    def loop_instructions(variant):
-        found = [m for m in metrics if m["kernel"] == kernel and m["arch"] == arch
-                 and any(label.startswith(variant + " [") for label in m["variants"])]
-        assert found, f"no {kernel} compiled for sm_{arch} by variant {variant!r}"
-        return max(m["sass"]["loop_instructions"] for m in found)
-
-    with_rope, without = loop_instructions(WITH_ROPE), loop_instructions(WITHOUT_ROPE)
-    assert without > 0
-    assert with_rope <= ROPE_LOOP_BUDGET * without, \
-        f"{kernel} sm_{arch}: {with_rope} instructions per inner-loop iteration with RoPE, {without} without"
