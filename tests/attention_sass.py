@@ -89,17 +89,10 @@ def compile_sass(job):
 def attention_kernels():
     """One dict per distinct compiled attention kernel: name, dtype, launch config, the variants that launch it,
     constexprs, num_warps, registers, spills, inner loops."""
-    from pi_kernels import _backend
     recorder = check.RECORDER
-    resolve_backend = _backend.resolve_backend
-    # The tensors are on the CPU, where backend="auto" picks the torch backend: ask for the Triton one, as on a GPU.
-    _backend.resolve_backend = lambda backend, device, implemented=_backend.ALL_BACKENDS: "triton"
-    try:
-        with recorder.active():
-            for name, options in VARIANTS:
-                recorder.run_variant(ARCH, check.Variant(name, check._attention, options), full=False)
-    finally:
-        _backend.resolve_backend = resolve_backend
+    with recorder.active():  # which also makes the ops pick the Triton backend for the recorder's CPU tensors
+        for name, options in VARIANTS:
+            recorder.run_variant(ARCH, check.Variant(name, check._attention, options), full=False)
     if recorder.failures:
         raise RuntimeError(f"recording failed: {recorder.failures}")
     kernels = []
