@@ -216,7 +216,7 @@ def _check_attention_inputs(q, k, v, positions):
 
 def context_parallel_attention_rotary(q, k, v, positions=None, *, group=None, causal=True, scaling_factor=1.0,
                                       base=10000.0, inv_freq=None, rotary_dim=None, interleaved=False,
-                                      softmax_scale=None):
+                                      softmax_scale=None, backend="auto"):
     """This rank's output of RoPE attention over the whole sequence, from this rank's shard of q, k and v.
 
     Exactly :func:`pi_kernels.attention_rotary` on the unsharded sequence, restricted to this rank's query tokens:
@@ -238,7 +238,7 @@ def context_parallel_attention_rotary(q, k, v, positions=None, *, group=None, ca
         The context-parallel group of W ranks; default: the default process group.
     causal : bool
         Causal mask over the unsharded sequence; False: every query sees every key.
-    scaling_factor, base, inv_freq, rotary_dim, interleaved, softmax_scale
+    scaling_factor, base, inv_freq, rotary_dim, interleaved, softmax_scale, backend
         As in :func:`pi_kernels.attention_rotary`.
 
     Returns
@@ -272,7 +272,7 @@ def context_parallel_attention_rotary(q, k, v, positions=None, *, group=None, ca
     k_full = _GatherSequence.apply(k, 1, group, world_size)
     v_full = _GatherSequence.apply(v, 1, group, world_size)
     options = {"scaling_factor": scaling_factor, "base": base, "inv_freq": inv_freq, "rotary_dim": rotary_dim,
-               "interleaved": interleaved, "softmax_scale": softmax_scale, "causal": causal}
+               "interleaved": interleaved, "softmax_scale": softmax_scale, "causal": causal, "backend": backend}
     if not causal:
         return attention_rotary(q, k_full, v_full, positions, k_positions=k_positions, **options)
     outputs = []

@@ -1,9 +1,10 @@
 """Context parallelism (``pi_kernels.parallel``) on real process groups: gloo ranks spawned from the test.
 
-Each test spawns W processes (``torch.multiprocessing``, rendezvous through a file) that run the check and raise on
-failure; the spawner re-raises the failing rank's traceback. Every rank builds the same inputs from one seed, so
-each can compare its shard with the single-process result on the unsharded sequence. Shapes are tiny: under
-Triton's interpreter every attention launch costs seconds.
+One run per world size spawns W processes (``torch.multiprocessing``, rendezvous through a file) that run every
+check of :data:`CHECKS_BY_WORLD_SIZE` in order and report each check's traceback, if any; each test asserts one
+check's outcome. Every rank builds the same inputs from one seed, so each can compare its shard with the
+single-process result on the unsharded sequence. Shapes are tiny: under Triton's interpreter every attention launch
+costs seconds, and starting the processes costs more than the checks.
 """
 
 import datetime
@@ -30,15 +31,13 @@ def _run_ranks(world_size, checks, tmp_path):
     Returns {check: failure report or None}; a check that raised on any rank fails, and the checks after it do not
     run (its peers may be stuck in a collective).
     """
-    # The ranks compute on CPU tensors, so under Triton's interpreter on a GPU machine too; spawned processes read
-    # the environment when they import triton.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRITON_INTERPRET", "1")
-        try:
-            torch.multiprocessing.start_processes(_rank_main, args=(world_size, str(tmp_path), checks),
-                                                  nprocs=world_size, start_method="spawn")
-        except ProcessException as err:
-            pytest.fail(f"the spawned ranks did not finish: {err}", pytrace=False)
+    # The ranks compute on CPU tensors with backend="auto" and inherit this process's environment: Triton's
+    # interpreter where conftest.py set it (no GPU), else the torch backend.
+    try:
+        torch.multiprocessing.start_processes(_rank_main, args=(world_size, str(tmp_path), checks),
+                                              nprocs=world_size, start_method="spawn")
+    except ProcessException as err:
+        pytest.fail(f"the spawned ranks did not finish: {err}", pytrace=False)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world_size)]
     outcome = {}
     for check in checks:
@@ -134,20 +133,21 @@ def test_no_process_group():
 # --- attention -------------------------------------------------------------------------------------------------
 
 ATTENTION_CASES = {
-    # name: (dtype, causal, batch, seq, heads, kv_heads, head_dim, positions with per-sequence offsets)
-    "causal_gqa": (torch.float32, True, 2, 16, 4, 2, 16, True),
-    "causal_mqa_default_positions": (torch.float32, True, 1, 8, 2, 1, 32, False),
-    "full_gqa": (torch.float32, False, 2, 8, 4, 2, 16, True),
-    "causal_bf16": (torch.bfloat16, True, 1, 8, 2, 2, 16, True),
+    # name: (dtype, causal, batch, seq, heads, kv_heads, head_dim, positions with per-sequence offsets, backend)
+    "causal_gqa": (torch.float32, True, 2, 16, 4, 2, 16, True, "auto"),
+    "causal_mqa_default_positions": (torch.float32, True, 1, 8, 2, 1, 32, False, "auto"),
+    "full_gqa": (torch.float32, False, 2, 8, 4, 2, 16, True, "auto"),
+    "causal_bf16": (torch.bfloat16, True, 1, 8, 2, 2, 16, True, "auto"),
+    "causal_gqa_torch_backend": (torch.float32, True, 2, 16, 4, 2, 16, True, "torch"),
 }
 
 
 def _check_attention(case):
-    dtype, causal, batch, seq_len, n_heads, n_kv_heads, head_dim, offsets = ATTENTION_CASES[case]
+    dtype, causal, batch, seq_len, n_heads, n_kv_heads, head_dim, offsets, backend = ATTENTION_CASES[case]
     q = torch.randn(batch, seq_len, n_heads, head_dim, dtype=dtype)
     k, v = (torch.randn(batch, seq_len, n_kv_heads, head_dim, dtype=dtype) for _ in range(2))
     grad_out = torch.randn_like(q)
-    options = {"causal": causal, "scaling_factor": 4.0, "base": 500.0}
+    options = {"causal": causal, "scaling_factor": 4.0, "base": 500.0, "backend": backend}
     if offsets:
         offset = torch.arange(batch, dtype=torch.int64) * 1000 + 3
         full_positions = offset[:, None] + torch.arange(seq_len)
