@@ -38,8 +38,7 @@ pytestmark = [
 # kernels, and the CUDA vector kernels. The contiguous path, in the variants of tests/gpu_compile_check.py: tensors
 # contiguous in the feature dim with 16-byte aligned rows, and a tile of at least 8 elements per thread. Left out,
 # and narrower today (see benchmarks/results/static/): single-token decode tiles (one token of one or two heads
-# spread over 128 threads), and GPT-J (interleaved) pairs in the vLLM-style and cache-append kernels, which access
-# them at stride 2 (the rotary kernel loads them as one run and splits them in registers).
+# spread over 128 threads).
 STORE_BUDGET_KERNELS = ("_rotary_kernel", "_rotary_embedding_kernel", "_rotary_cache_append_kernel",
                         "_qkv_rotary_kernel")
 STORE_BUDGET_VARIANTS = ("rotary bshd bf16 d128 arange", "rotary bshd fp32 d128 offsets(b,)",
@@ -51,7 +50,8 @@ STORE_BUDGET_VARIANTS = ("rotary bshd bf16 d128 arange", "rotary bshd fp32 d128 
                          "qkv bf16 d128", "qkv fp16 d80 bias separate-weights hidden=528", "qkv fp32 d128 ieee",
                          "qkv bf16 d128 varlen ids bias",
                          "rotary_embedding bf16 d128 cos_sin_cache neox", "rotary_embedding_interp bf16 d128 neox",
-                         "paged_kv_cache_append bf16 d128 nhd")
+                         "rotary_embedding fp16 d64 cos_sin_cache gptj rot=32", "rotary_embedding_interp fp32 d80 gptj",
+                         "paged_kv_cache_append bf16 d128 nhd", "paged_kv_cache_append fp32 d64 hnd interleaved")
 ATTENTION = "_attention"
 
 

@@ -38,22 +38,29 @@ def rotate_rows(
     pairs = tl.arange(0, BLOCK_HALF)
     base_in = rows[:, None, None] + heads[None, :, None] * stride_h
     base_out = out_rows[:, None, None] + heads[None, :, None] * ostride_h
-    if INTERLEAVED:
-        dim1 = 2 * pairs
-        dim2 = 2 * pairs + 1
-    else:
-        dim1 = pairs
-        dim2 = pairs + ROTARY_HALF
-    dim1 = dim1.to(tl.int64)[None, None, :]
-    dim2 = dim2.to(tl.int64)[None, None, :]
     head_mask = row_mask[:, None, None] & (heads < n_heads)[None, :, None]
-    mask = head_mask & (pairs < ROTARY_HALF)[None, None, :]
-    x1 = tl.load(x_ptr + base_in + dim1 * stride_d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + base_in + dim2 * stride_d, mask=mask, other=0.0).to(tl.float32)
     cos3 = cos[:, None, :]
     sin3 = sin[:, None, :]
-    tl.store(out_ptr + base_out + dim1 * ostride_d, (x1 * cos3 - x2 * sin3).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + base_out + dim2 * ostride_d, (x1 * sin3 + x2 * cos3).to(out_ptr.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        # GPT-J pairs (2j, 2j + 1) are adjacent: one contiguous run of rotary_dim features, split into pairs in
+        # registers, so accesses are 16 bytes wide rather than one element at stride 2.
+        dims = tl.arange(0, 2 * BLOCK_HALF)
+        dims64 = dims.to(tl.int64)[None, None, :]
+        mask = head_mask & (dims < 2 * ROTARY_HALF)[None, None, :]
+        x = tl.load(x_ptr + base_in + dims64 * stride_d, mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (x.shape[0], BLOCK_H, BLOCK_HALF, 2)))
+        out = tl.reshape(tl.join(x1 * cos3 - x2 * sin3, x1 * sin3 + x2 * cos3), x.shape)
+        tl.store(out_ptr + base_out + dims64 * ostride_d, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        dim1 = pairs.to(tl.int64)[None, None, :]
+        dim2 = (pairs + ROTARY_HALF).to(tl.int64)[None, None, :]
+        mask = head_mask & (pairs < ROTARY_HALF)[None, None, :]
+        x1 = tl.load(x_ptr + base_in + dim1 * stride_d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + base_in + dim2 * stride_d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + base_out + dim1 * ostride_d, (x1 * cos3 - x2 * sin3).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(out_ptr + base_out + dim2 * ostride_d, (x1 * sin3 + x2 * cos3).to(out_ptr.dtype.element_ty),
+                 mask=mask)
     if COPY_TAIL:
         # Features past rotary_dim pass through unchanged.
         tail = 2 * ROTARY_HALF + tl.arange(0, BLOCK_TAIL)
