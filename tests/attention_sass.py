@@ -42,6 +42,10 @@ VARIANTS = [
     ("fp16 d128 non-causal no rope", dict(dtype=torch.float16, head_dim=128, causal=False, rotate=False)),
     ("bf16 d64 non-causal rope", dict(dtype=torch.bfloat16, head_dim=64, causal=False)),
     ("bf16 d64 non-causal no rope", dict(dtype=torch.bfloat16, head_dim=64, causal=False, rotate=False)),
+    # head_dim 80 pads to 128-wide tiles; packed sequences of 100 and 156 tokens: lengths not known to be multiples
+    # of 16, which is what made the pipelined dk/dv tiles spill.
+    ("fp16 d80 varlen causal rope", dict(dtype=torch.float16, head_dim=80, varlen=True)),
+    ("fp16 d80 varlen causal no rope", dict(dtype=torch.float16, head_dim=80, varlen=True, rotate=False)),
 ]
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
