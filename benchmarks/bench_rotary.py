@@ -3,11 +3,15 @@
 Run from the repository root::
 
     python -m benchmarks.bench_rotary                 # full sweep on a GPU, results under benchmarks/results/
-    python -m benchmarks.bench_rotary --quick         # fewer sizes; without a GPU: the interpreter check
+    python -m benchmarks.bench_rotary --quick         # fewer sizes
+    python -m benchmarks.bench_rotary                 # no GPU: CPU timing of the torch backend, 1 thread
+    TRITON_INTERPRET=1 python -m benchmarks.bench_rotary   # no GPU: the GPU path rehearsed under the interpreter
     python benchmarks/bench_rotary.py --providers pi_kernels,liger --modes fwd --dtypes bf16
 
 Every (shape, dtype, mode, provider) cell is first checked against the float64 reference, then timed; a cell
-whose parity fails is reported and not timed (``harness.check_then_time``). The fused rotary + KV-cache append has
+whose parity fails is reported and not timed (``harness.check_then_time``). Without a GPU (and without
+``TRITON_INTERPRET``) the timed providers are the plain-PyTorch ones on one thread, at CPU sizes, and the Triton
+kernels run under the interpreter on tiny shapes for parity only. The fused rotary + KV-cache append has
 its own script, ``bench_kv_cache.py``. Method, what each provider gets and the expectations written
 before measuring are in ``benchmarks/NOTES.md``.
 """
@@ -63,6 +67,11 @@ CPU_FAMILIES = (
     Family("tiny-d64", 4, 2, 64, (64,), (64,)),
     Family("tiny-d80", 4, 2, 80, (217,), (217,)),
 )
+# CPU timing of the plain-PyTorch providers: the GPU families' heads at prompt lengths a CPU serves.
+CPU_TIMING_FAMILIES = (
+    Family("llama7b", 32, 32, 128, (512,), (512,)),
+    Family("gqa", 32, 8, 128, (2048,), (2048,)),
+)
 
 
 # Interpreted calls take tens of milliseconds: one warm-up call and three timed ones are all we can afford.
@@ -107,6 +116,30 @@ def _build_pi_kernels_cuda(seq: int, head_dim: int, dtype: torch.dtype, device: 
     from pi_kernels import rotary_interp
 
     return lambda q, k: rotary_interp(q, k, scaling_factor=SCALING_FACTOR, base=BASE, backend="cuda")
+
+
+def _build_pi_kernels_torch(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdFn:
+    from pi_kernels import rotary_interp
+
+    return lambda q, k: rotary_interp(q, k, scaling_factor=SCALING_FACTOR, base=BASE, backend="torch")
+
+
+def _build_hf(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdFn:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(
+        hidden_size=head_dim,
+        num_attention_heads=1,
+        max_position_embeddings=seq,
+        rope_parameters={"rope_type": "linear", "factor": SCALING_FACTOR, "rope_theta": BASE},
+    )
+    # Hugging Face's float32 cos/sin table for these positions, in the input dtype, as its model computes it once
+    # per forward and shares it across layers.
+    cos, sin = LlamaRotaryEmbedding(config).to(device)(
+        torch.empty(0, device=device, dtype=dtype), torch.arange(seq, device=device)[None]
+    )
+    return lambda q, k: apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # bshd: heads at dim 2
 
 
 def _build_eager(seq: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdFn:
@@ -179,6 +212,22 @@ PROVIDERS = {
             needs_cuda=True,
         ),
         Provider(
+            "pi_kernels_torch",
+            None,
+            "pi_kernels",
+            _build_pi_kernels_torch,
+            True,
+            "backend='torch' (plain PyTorch, what 'auto' runs on CPU); angles from positions per call",
+        ),
+        Provider(
+            "hf",
+            "transformers",
+            "transformers",
+            _build_hf,
+            True,
+            "transformers' apply_rotary_pos_emb; float32 cos/sin from LlamaRotaryEmbedding (linear) precomputed (free)",
+        ),
+        Provider(
             "eager", None, "torch", _build_eager, True, "pi_kernels.reference in eager PyTorch; fp64 angles per call"
         ),
         Provider(
@@ -214,8 +263,12 @@ PROVIDERS = {
         ),
     )
 }
-CPU_DEFAULT_PROVIDERS = ("pi_kernels", "eager")
-OWN_PROVIDERS = ("pi_kernels", "pi_kernels_cuda")  # held to the bandwidth target; a failure fails the run
+GPU_DEFAULT_PROVIDERS = ("pi_kernels", "pi_kernels_cuda", "eager", "compiled", "liger", "flashinfer", "flash_attn")
+CPU_DEFAULT_PROVIDERS = ("pi_kernels", "eager")  # the interpreter check
+CPU_TIMING_DEFAULT_PROVIDERS = ("pi_kernels_torch", "hf", "eager", "pi_kernels")
+INTERPRETED_PROVIDERS = ("pi_kernels",)  # Triton kernels: in a CPU timing run, parity under the interpreter only
+TARGET_PROVIDERS = ("pi_kernels", "pi_kernels_cuda")  # held to the bandwidth target on a GPU
+OWN_PROVIDERS = (*TARGET_PROVIDERS, "pi_kernels_torch")  # a failure fails the run
 CPU_COMPILED_SKIP = "not run on CPU by default: inductor's C++ compile takes 30-60 s here (ask with --providers)"
 
 
@@ -292,7 +345,7 @@ def _fill_ratios(cell: list[dict[str, Any]]) -> None:
 
 
 def _base_row(
-    provider: Provider, family: Family, n_tokens: int, dtype_name: str, mode: str, ceiling_gbs: float
+    provider: Provider, family: Family, n_tokens: int, dtype_name: str, mode: str, ceiling_gbs: float | None
 ) -> dict[str, Any]:
     elements = n_tokens * (family.n_heads + family.n_kv_heads) * family.head_dim  # batch 1
     one_pass = 2 * elements * DTYPES[dtype_name].itemsize  # read q and k once, write q_out and k_out once
@@ -334,23 +387,27 @@ def _check_and_time(
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     budget: harness.Budget,
-    ceiling_gbs: float,
+    ceiling_gbs: float | None,
     on_gpu: bool,
+    timed: bool,
 ) -> bool:
-    """Fill ``row`` with the parity and, if it passes, the timing of one cell; return False on failure."""
+    """Fill ``row`` with the parity and, if it passes and ``timed``, the timing of one cell; False on failure.
+
+    Without a copy ceiling (``ceiling_gbs`` None: a CPU timing run) no bandwidth is computed.
+    """
     mode = row["mode"]
     timing = harness.check_then_time(
         row,
         check=lambda: parity(fwd, *tensors, mode),
         tol=row["parity_tol"],
-        make_call=lambda: timed_call(fwd, *tensors, mode),
+        make_call=(lambda: timed_call(fwd, *tensors, mode)) if timed else None,
         budget=budget,
     )
-    if timing is None:
-        return False
+    if timing is None or ceiling_gbs is None:
+        return row["status"] == "ok"
     gbs = row["bytes"] / (timing.median_ms * 1e-3) / 1e9
     row.update(gbs=gbs, frac_ceiling=gbs / ceiling_gbs)
-    if on_gpu and row["provider"] in OWN_PROVIDERS and row["elements"] >= TARGET_MIN_ELEMENTS:
+    if on_gpu and row["provider"] in TARGET_PROVIDERS and row["elements"] >= TARGET_MIN_ELEMENTS:
         row["target"] = "ok" if gbs / ceiling_gbs >= TARGET_FRACTION else "MISS"
     return True
 
@@ -364,10 +421,14 @@ def run_group(
     *,
     device: torch.device,
     budget: harness.Budget,
-    ceiling_gbs: float,
+    ceiling_gbs: float | None,
     on_gpu: bool,
+    timed: bool = True,
 ) -> list[dict[str, Any]]:
-    """Check and time every (tokens, mode, provider) cell of one family and dtype; return the rows."""
+    """Check and time (``timed``; else check only) every (tokens, mode, provider) cell of one family and dtype.
+
+    Returns the rows.
+    """
     dtype = DTYPES[dtype_name]
     rows: list[dict[str, Any]] = []
     # A failure (compile error, OOM, bad output) retires the provider for the rest of the group: larger
@@ -403,7 +464,9 @@ def run_group(
                     row.update(status="skipped", note=retired[(p.name, mode)])
                 elif isinstance(fwd, str):
                     row.update(status="error", note=fwd)
-                elif not _check_and_time(row, fwd, tensors, budget=budget, ceiling_gbs=ceiling_gbs, on_gpu=on_gpu):
+                elif not _check_and_time(
+                    row, fwd, tensors, budget=budget, ceiling_gbs=ceiling_gbs, on_gpu=on_gpu, timed=timed
+                ):
                     retired[(p.name, mode)] = f"skipped after {row['status']} at {n_tokens} tokens"
                     harness.free_memory(device)
             _fill_ratios(cell)
@@ -423,11 +486,17 @@ TABLE_COLUMNS = (
     ("best_other", "best other"),
     *harness.CHECK_COLUMNS,
 )
+# A CPU timing run: no bandwidth, ceiling or target (they describe a GPU), the speed ratio stays.
+CPU_TIMING_TABLE_COLUMNS = tuple(c for c in TABLE_COLUMNS if c[0] not in ("gbs", "frac_ceiling", "target"))
+PARITY_TABLE_COLUMNS = (*harness.CELL_COLUMNS, ("parity_tol", "tol", ".1e"), *harness.CHECK_COLUMNS)
 
 
-def _resolve_providers(args: argparse.Namespace, on_gpu: bool) -> tuple[list[Provider], dict[str, str]]:
+def _resolve_providers(args: argparse.Namespace, run: harness.BenchRun) -> tuple[list[Provider], dict[str, str]]:
     """Providers to run and, for the others, why not."""
-    requested = args.providers or (list(PROVIDERS) if on_gpu else list(CPU_DEFAULT_PROVIDERS))
+    on_gpu = run.on_gpu
+    default = GPU_DEFAULT_PROVIDERS if on_gpu else CPU_TIMING_DEFAULT_PROVIDERS if run.cpu_timing else (
+        CPU_DEFAULT_PROVIDERS)
+    requested = args.providers or list(default)
     skips: dict[str, str] = {}
     if not on_gpu and args.providers is None:
         skips["compiled"] = CPU_COMPILED_SKIP
@@ -443,17 +512,49 @@ def _resolve_providers(args: argparse.Namespace, on_gpu: bool) -> tuple[list[Pro
     return chosen, skips
 
 
+def _interpreter_parity(
+    args: argparse.Namespace, providers: Sequence[Provider], run: harness.BenchRun
+) -> list[dict[str, Any]]:
+    """Check ``providers`` (Triton kernels) under the interpreter on the tiny shapes, untimed; print and return rows."""
+    rows: list[dict[str, Any]] = []
+    if not providers:
+        return rows
+    print(
+        f"\nParity of {', '.join(p.name for p in providers)} under Triton's interpreter (a correctness check, "
+        "NOT a timing), tiny shapes:",
+        flush=True,
+    )
+    for dtype_name in args.dtypes:
+        for family in CPU_FAMILIES:
+            rows += run_group(family, family.tokens, dtype_name, args.modes, providers, device=run.device,
+                              budget=run.budget, ceiling_gbs=None, on_gpu=False, timed=False)
+    harness.save_rows(run, rows)
+    print(harness.format_table(rows, PARITY_TABLE_COLUMNS), flush=True)
+    harness.print_problems(rows)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return 1 if pi_kernels failed parity or raised, else 0."""
     args = parse_args(argv)
     run = harness.start_run(
-        OP, "rotary", args, gpu_families=GPU_FAMILIES, cpu_families=CPU_FAMILIES, cpu_budget=CPU_BUDGET
+        OP,
+        "rotary",
+        args,
+        gpu_families=GPU_FAMILIES,
+        cpu_families=CPU_FAMILIES,
+        cpu_budget=CPU_BUDGET,
+        cpu_timing_families=CPU_TIMING_FAMILIES,
     )
-    providers, skips = _resolve_providers(args, run.on_gpu)
-    ceiling = harness.copy_bandwidth_gbs(run.device, warmup_ms=run.budget.warmup_ms, rep_ms=run.budget.rep_ms)
-    tflops = harness.matmul_tflops(run.device) if run.on_gpu else None
-    label = "device-to-device copy" if run.on_gpu else "CPU memcpy, NOT a GPU figure"
-    print(f"copy ceiling: {ceiling:.1f} GB/s ({label})", flush=True)
+    providers, skips = _resolve_providers(args, run)
+    checked_only = [p for p in providers if run.cpu_timing and p.name in INTERPRETED_PROVIDERS]
+    providers = [p for p in providers if p not in checked_only]
+    ceiling = tflops = None
+    if not run.cpu_timing:
+        ceiling = harness.copy_bandwidth_gbs(run.device, warmup_ms=run.budget.warmup_ms, rep_ms=run.budget.rep_ms)
+        tflops = harness.matmul_tflops(run.device) if run.on_gpu else None
+        label = "device-to-device copy" if run.on_gpu else "CPU memcpy, NOT a GPU figure"
+        print(f"copy ceiling: {ceiling:.1f} GB/s ({label})", flush=True)
     if tflops is not None:
         print(f"bf16 matmul ceiling: {tflops:.1f} TFLOP/s (for compute-bound benchmarks; unused here)", flush=True)
     print(
@@ -486,16 +587,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{dtype_name}:",
                 flush=True,
             )
-            print(harness.format_table(group, TABLE_COLUMNS), flush=True)
+            print(harness.format_table(group, CPU_TIMING_TABLE_COLUMNS if run.cpu_timing else TABLE_COLUMNS),
+                  flush=True)
             harness.print_problems(group)
+    rows.extend(_interpreter_parity(args, checked_only, run))
 
-    print(
-        "\nNotes: GB/s counts one read and one write of q and k per pass (fwd+bwd: two passes); /copy is the "
-        "fraction of the copy ceiling above; vs best = fastest other provider's time / this time (> 1: faster). "
-        "Peers' cos/sin caches and pos_ids are precomputed outside the timed region (they get them for free).",
-        flush=True,
-    )
-    for p in providers:
+    if run.cpu_timing:
+        print(
+            f"\nNotes: {harness.CPU_THREADS} thread(s), wall clock (median, p20, p80 of at least "
+            f"{run.budget.min_reps} calls after {run.budget.warmup_ms:.0f} ms of warm-up); vs best = fastest other "
+            "provider's time / this time (> 1: faster). No GB/s or ceiling: they describe a GPU kernel.",
+            flush=True,
+        )
+    else:
+        print(
+            "\nNotes: GB/s counts one read and one write of q and k per pass (fwd+bwd: two passes); /copy is the "
+            "fraction of the copy ceiling above; vs best = fastest other provider's time / this time (> 1: faster). "
+            "Peers' cos/sin caches and pos_ids are precomputed outside the timed region (they get them for free).",
+            flush=True,
+        )
+    for p in (*providers, *checked_only):
         print(f"  {p.name} {harness.package_version(p.dist)}: {p.note}", flush=True)
     misses = [r for r in rows if r["target"] == "MISS"]
     if run.on_gpu:
@@ -509,7 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args,
         rows,
         key_cols=("family", "mode", "dtype", "tokens", "provider"),
-        summary=lambda csv_path, latest: harness.readme_table(csv_path),
+        summary=lambda csv_path, latest: (
+            harness.format_table(latest, CPU_TIMING_TABLE_COLUMNS, markdown=True)
+            if run.cpu_timing
+            else harness.readme_table(csv_path)
+        ),
         extra={
             "copy_ceiling_gbs": ceiling,
             "matmul_bf16_tflops": tflops,
@@ -518,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {k: r[k] for k in ("family", "tokens", "dtype", "mode", "frac_ceiling")} for r in misses
             ],
         },
-        plot={"title": f"{OP} - {run.env['device']}"},
+        plot=None if run.cpu_timing else {"title": f"{OP} - {run.env['device']}"},
     )
     failed = [r for r in rows if r["provider"] in OWN_PROVIDERS and r["status"] in ("error", "parity-fail")]
     return 1 if failed else 0

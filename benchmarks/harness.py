@@ -46,6 +46,13 @@ _CPU_SUFFIX = "CPU (Triton interpreter)"
 # Bounds the wall-clock loop when a call is very cheap; the quantiles are stable long before this.
 _MAX_WALLCLOCK_REPS = 1000
 NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
+# Plain-PyTorch code timed on CPU runs on one thread, so that a run on a shared machine compares like with like.
+CPU_THREADS = 1
+CPU_TIMING_LINE = (
+    f"No GPU: timing plain-PyTorch code on the CPU, torch.set_num_threads({CPU_THREADS}) (what a CPU user of "
+    f"backend='auto' gets, against eager baselines); the Triton kernels are only checked for parity under the "
+    f"interpreter, not timed"
+)
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -61,6 +68,7 @@ class Budget:
 
 GPU_BUDGET = Budget(25.0, 100.0)
 GPU_QUICK_BUDGET = Budget(10.0, 40.0)
+CPU_TIMING_BUDGET = Budget(20.0, 150.0, 5)
 
 
 @dataclass(frozen=True)
@@ -738,6 +746,9 @@ class BenchRun:
         ``<name>-summary.md``.
     on_gpu : bool
         Kernels run compiled on a GPU (else under Triton's interpreter on CPU).
+    cpu_timing : bool
+        No GPU and no ``TRITON_INTERPRET`` from the caller: plain-PyTorch providers are timed on
+        :data:`CPU_THREADS` thread(s) over the script's CPU timing families, and Triton kernels only parity-checked.
     device : torch.device
         Where the tensors live.
     budget : Budget
@@ -755,6 +766,7 @@ class BenchRun:
     op: str
     name: str
     on_gpu: bool
+    cpu_timing: bool
     device: torch.device
     budget: Budget
     families: list[Any]
@@ -771,11 +783,15 @@ def start_run(
     gpu_families: Sequence[Any],
     cpu_families: Sequence[Any],
     cpu_budget: Budget,
+    cpu_timing_families: Sequence[Any] | None = None,
 ) -> BenchRun:
     """Choose the device, the budget and the families, and print the run's header.
 
-    Without a GPU this prints :data:`NO_GPU_LINE` and sets ``TRITON_INTERPRET=1``, which must happen before
-    ``pi_kernels`` defines its kernels: scripts import it lazily, in their providers' builders.
+    Without a GPU this sets ``TRITON_INTERPRET=1``, which must happen before ``pi_kernels`` defines its kernels:
+    scripts import it lazily, in their providers' builders. If the script gives ``cpu_timing_families`` and the
+    caller did not set ``TRITON_INTERPRET``, the run is a CPU timing (:data:`CPU_TIMING_LINE`: one thread,
+    :data:`CPU_TIMING_BUDGET`, those families); otherwise an interpreter check (:data:`NO_GPU_LINE`, ``cpu_budget``,
+    ``cpu_families``).
 
     Raises
     ------
@@ -783,15 +799,20 @@ def start_run(
         When no family of this device matches ``--families``.
     """
     on_gpu = torch.cuda.is_available() and not interpreter_mode()
+    cpu_timing = not on_gpu and not interpreter_mode() and cpu_timing_families is not None
+    if cpu_timing:
+        torch.set_num_threads(CPU_THREADS)
     if not on_gpu:
-        print(NO_GPU_LINE, flush=True)
+        print(CPU_TIMING_LINE if cpu_timing else NO_GPU_LINE, flush=True)
         os.environ["TRITON_INTERPRET"] = "1"
-    available = list(gpu_families if on_gpu else cpu_families)
+    available = list(gpu_families if on_gpu else cpu_timing_families if cpu_timing else cpu_families)
     families = [f for f in available if not args.families or f.name in args.families]
     if not families:
         names = ", ".join(f.name for f in available)
         raise SystemExit(f"no shape family of this device matches --families (here: {names})")
     env = environment()
+    if cpu_timing:
+        env["device"] = f"{platform.processor() or platform.machine()} CPU, {CPU_THREADS} thread(s)"
     out_root = args.out or (RESULTS_ROOT if on_gpu else None)
     print(
         f"{op} benchmark on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -802,8 +823,10 @@ def start_run(
         op=op,
         name=name,
         on_gpu=on_gpu,
+        cpu_timing=cpu_timing,
         device=torch.device("cuda" if on_gpu else "cpu"),
-        budget=(GPU_QUICK_BUDGET if args.quick else GPU_BUDGET) if on_gpu else cpu_budget,
+        budget=(GPU_QUICK_BUDGET if args.quick else GPU_BUDGET) if on_gpu else (
+            CPU_TIMING_BUDGET if cpu_timing else cpu_budget),
         families=families,
         env=env,
         folder=None if out_root is None else results_dir(env, out_root),
@@ -816,7 +839,7 @@ def check_then_time(
     *,
     check: Callable[[], float | None] | None,
     tol: float,
-    make_call: Callable[[], tuple[Callable[[], Any], Sequence[torch.Tensor] | None]],
+    make_call: Callable[[], tuple[Callable[[], Any], Sequence[torch.Tensor] | None]] | None,
     budget: Budget,
     after: Callable[[Callable[[], Any]], None] | None = None,
 ) -> Timing | None:
@@ -832,8 +855,9 @@ def check_then_time(
         that computes another function (a bare GEMM).
     tol : float
         Largest relative error that passes.
-    make_call : callable
-        Returns the callable to time and the tensors whose grads are reset between repetitions.
+    make_call : callable or None
+        Returns the callable to time and the tensors whose grads are reset between repetitions; None: a parity
+        check only (Triton's interpreter in a CPU timing run), the row keeps status ``"ok"`` and no timing.
     budget : Budget
         Passed to :func:`measure`.
     after : callable, optional
@@ -842,7 +866,7 @@ def check_then_time(
     Returns
     -------
     Timing or None
-        None when the cell failed parity or raised (a result to report, never an exception).
+        None when the cell failed parity, raised (a result to report, never an exception) or was not timed.
     """
     try:
         if check is not None:
@@ -850,6 +874,8 @@ def check_then_time(
             if row["parity"] is not None and not row["parity"] <= tol:
                 row.update(status="parity-fail", note=f"parity {row['parity']:.2e} > {tol:.0e}: not timed")
                 return None
+        if make_call is None:
+            return None
         fn, grads = make_call()
         timing = measure(
             fn, warmup_ms=budget.warmup_ms, rep_ms=budget.rep_ms, grad_to_none=grads, min_reps=budget.min_reps

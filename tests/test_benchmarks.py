@@ -204,9 +204,7 @@ def _inputs(dtype, seq=37, n_heads=4, n_kv_heads=2, head_dim=16):
     return [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
 
 
-@pytest.mark.parametrize("name", ["liger", "flash_attn", "flashinfer", "eager"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_peer_adapter_matches_reference(fake_peers, name, dtype):
+def _check_adapter(name, dtype):
     provider = bench_rotary.PROVIDERS[name]
     q, k, gq, gk = _inputs(dtype)
     fwd = provider.build(q.shape[1], q.shape[3], dtype, torch.device("cpu"))
@@ -214,6 +212,19 @@ def test_peer_adapter_matches_reference(fake_peers, name, dtype):
     for mode in modes:
         err = bench_rotary.parity(fwd, q, k, gq, gk, mode)
         assert err <= bench_rotary.PARITY_TOL[dtype], (name, mode, err)
+
+
+@pytest.mark.parametrize("name", ["liger", "flash_attn", "flashinfer", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peer_adapter_matches_reference(fake_peers, name, dtype):
+    _check_adapter(name, dtype)
+
+
+# Without the stand-ins: importing transformers' model code looks up the real flash_attn's module spec.
+@pytest.mark.parametrize("name", ["hf", "pi_kernels_torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_provider_matches_reference(name, dtype):
+    _check_adapter(name, dtype)
 
 
 def _run_group(providers, dtype_name="fp32", modes=harness.MODES):
@@ -253,3 +264,27 @@ def test_run_group_reports_unsupported_and_does_not_time_parity_failures(fake_pe
     assert by_key[("flashinfer", "bwd")]["note"] == "forward only (no autograd)"
     fwd_cell = [r for r in bf16 if r["mode"] == "fwd" and r["median_ms"] is not None]
     assert {r["best_other"] for r in fwd_cell} == {"eager", "flashinfer"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU timing run is what `make bench` does without a GPU")
+def test_cpu_run_times_plain_pytorch_on_one_thread_and_only_checks_the_interpreter(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET")  # as `make bench` on a CPU machine; start_run sets it for the parity part
+    threads = torch.get_num_threads()
+    try:
+        rc = bench_rotary.main(["--families", "gqa", "--tokens", "24", "--dtypes", "fp32", "--modes", "fwd",
+                                "--out", str(tmp_path)])
+        assert torch.get_num_threads() == harness.CPU_THREADS
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    output = capsys.readouterr().out
+    assert output.startswith(harness.CPU_TIMING_LINE) and "GB/s" not in output.split("Notes:")[0]
+    (folder,) = tmp_path.iterdir()
+    rows = {r["provider"]: r for r in harness.read_results(folder / "rotary.csv")}
+    assert set(rows) == {"pi_kernels_torch", "hf", "eager", "pi_kernels"}
+    assert rows["pi_kernels_torch"]["device"].endswith(f"CPU, {harness.CPU_THREADS} thread(s)")
+    for name in ("pi_kernels_torch", "hf", "eager"):
+        assert rows[name]["status"] == "ok" and float(rows[name]["median_ms"]) > 0 and rows[name]["gbs"] == ""
+    interpreted = rows["pi_kernels"]
+    assert interpreted["status"] == "ok" and float(interpreted["parity"]) <= 1e-5 and interpreted["median_ms"] == ""
+    assert "GB/s" not in (folder / "rotary-summary.md").read_text()
