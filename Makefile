@@ -25,7 +25,8 @@ else
 endif
 
 # GPU: the full rotary benchmark (tables, CSV and PNG under benchmarks/results/<gpu>/).
-# No GPU: a quick parity + timing run under Triton's interpreter, which says so.
+# No GPU: the torch backend against eager baselines on one thread, then the Triton kernels' parity (not timed) under
+# the interpreter.
 bench:
 	$(PYTHON) -m benchmarks.bench_rotary
 
