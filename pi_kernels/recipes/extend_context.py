@@ -28,6 +28,11 @@ Examples
     python -m pi_kernels.recipes.extend_context --smoke --out /tmp/pi-smoke
     python -m pi_kernels.recipes.extend_context --preset cpu --out examples/results/cpu
     python -m pi_kernels.recipes.extend_context --preset gpu --out examples/results/h100
+    torchrun --nproc_per_node 8 -m pi_kernels.recipes.extend_context --preset gpu --fsdp --context-parallel 4
+
+Under ``torchrun`` the training stages run on every rank (:mod:`pi_kernels.recipes.distributed`): FSDP2 with
+``--fsdp``, each sequence split across ``--context-parallel`` ranks, data parallel over the remaining ranks; the
+results record the layout (``parallel``). Rank 0 writes ``--out``, rank r > 0 ``--out/ranks/r``.
 """
 
 import argparse
@@ -53,6 +58,7 @@ from pi_kernels.integrations.transformers import patch_model
 
 from . import data as recipe_data
 from .data import COMPACT_PASSKEY, PAPER_PASSKEY, BPETokenizer, PretrainedTokenizer
+from .distributed import init_training_layout
 from .evaluation import PerplexityTargets, autocast, passkey_accuracy, perplexity, position_perplexity
 from .report import findings, format_tables, write_plots
 
@@ -181,15 +187,22 @@ def _save_atomically(obj, path):
     os.replace(tmp, path)
 
 
-def train_stage(model, stage, cfg, data, out, device):
-    """Train ``model`` in place for ``stage``; resumes from ``out/checkpoints/<stage>.pt``. Returns a summary."""
+def train_stage(model, stage, cfg, data, out, device, layout=None):
+    """Train ``model`` in place for ``stage``; resumes from ``out/checkpoints/<stage>.pt``. Returns a summary.
+
+    With a :class:`~pi_kernels.recipes.distributed.TrainingLayout` (torchrun) a sharded copy trains and its weights
+    are copied back at the end; such a stage does not checkpoint midway.
+    """
     checkpoint_path = out / "checkpoints" / f"{stage.name}.pt"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.95),
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trained = model if layout is None else layout.training_model(model)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=stage.lr, betas=(0.9, 0.95),
                                   weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, stage.warmup, stage.steps, stage.decay))
     start, losses, seconds = 0, [], 0.0
-    if checkpoint_path.exists():
+    if layout is None and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -197,9 +210,7 @@ def train_stage(model, stage, cfg, data, out, device):
         start, losses, seconds = state["step"], state["losses"], state["seconds"]
         print(f"[{stage.name}] resuming at step {start} of {stage.steps}")
     batch = max(1, cfg.batch_tokens // stage.seq_len)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
+    trained.train()
     began = time.perf_counter() - seconds
     progress = tqdm(range(start, stage.steps), desc=stage.name, initial=start, total=stage.steps, mininterval=5)
     for step in progress:
@@ -209,18 +220,25 @@ def train_stage(model, stage, cfg, data, out, device):
         tokens = recipe_data.training_batch(data["train"], data["tokenizer"], data["passkey_format"], stage.seq_len,
                                             batch, stage.passkey_fraction, generator).to(device)
         with autocast(device):
-            loss = model(input_ids=tokens, labels=tokens).loss
+            if layout is None:
+                loss = batch_loss = model(input_ids=tokens, labels=tokens).loss
+            else:
+                loss, batch_loss = layout.loss(trained, tokens)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if layout is not None:
+            layout.reduce_gradients(trained)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 5))
+        losses.append(round(batch_loss.item(), 5))
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stage.steps:
+        if layout is None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stage.steps:
             _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "step": step + 1, "losses": losses,
                               "seconds": time.perf_counter() - began}, checkpoint_path)
+    if layout is not None:
+        layout.copy_back(trained, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     seconds = time.perf_counter() - began
@@ -427,7 +445,7 @@ def _environment(device):
             "tokenizers": metadata.version("tokenizers")}
 
 
-def _base_model_state(cfg, base_config, data, out, device, results):
+def _base_model_state(cfg, base_config, data, out, device, results, layout):
     """Weights of the built-in base model trained at L (trained now, or read back from a finished stage)."""
     base_dir = out / "checkpoints" / "base"
     if (base_dir / "config.json").exists():
@@ -436,7 +454,7 @@ def _base_model_state(cfg, base_config, data, out, device, results):
     model = patch_model(transformers.LlamaForCausalLM(base_config).to(device))
     stage = Stage("base", seq_len=cfg.context, steps=cfg.base_steps, lr=cfg.base_lr, warmup=cfg.base_warmup,
                   decay=True, weight_decay=cfg.weight_decay, passkey_fraction=cfg.base_passkey_fraction, batches=0)
-    results.data["training"]["base"] = train_stage(model, stage, cfg, data, out, device)
+    results.data["training"]["base"] = train_stage(model, stage, cfg, data, out, device, layout)
     model.save_pretrained(base_dir)
     data["tokenizer"].save_pretrained(base_dir)  # a checkpoint that --model can extend again
     (out / "checkpoints" / "base.pt").unlink(missing_ok=True)
@@ -523,8 +541,11 @@ def _write_reports(results, out, command, smoke):
           f"({results['seconds'] / 60:.1f} min)")
 
 
-def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=None, probe=True):
+def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=None, probe=True, layout=None):
     """Run the recipe into ``out``; returns the results dict (also ``out/results.json``).
+
+    ``layout``: the torchrun job's :class:`~pi_kernels.recipes.distributed.TrainingLayout` (its training stages run
+    on every rank), None in one process.
 
     A pretrained model on a preset with a probe (``cpu``) runs the probe only: fine-tuning it does not fit there.
     The built-in model runs the method, then (``probe``) the probe of SmolLM2 where its package is installed.
@@ -550,6 +571,7 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
     pretrained = load_pretrained(probe_model) if (probe and cfg.probe is not None) or not builtin else None
     header = {"recipe": "pi_kernels.recipes.extend_context", "paper": "arXiv 2306.15595", "model": cfg.model,
               "environment": _environment(device),
+              "parallel": layout.describe() if layout is not None else {"world_size": 1},
               "note": ("SMOKE RUN: tiny model, few steps; the numbers are meaningless." if smoke else
                        "Numbers as measured by this run; nothing is tuned to the expected outcome.")}
 
@@ -560,7 +582,7 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
               f"{', '.join(cfg.probe.methods)}. Expected: ~{probe_seconds / 60:.0f} min.", flush=True)
         results = _Results(out, settings, resume=resume, command=command,
                            header={**header, "context": pretrained[0].max_position_embeddings, "eval_contexts": []})
-        results.data.update(environment=header["environment"])
+        results.data.update(environment=header["environment"], parallel=header["parallel"])
         run_probe(cfg.probe, pretrained, device=device, results=results.data, results_path=results.path,
                   text_file=text_file)
         results.save()
@@ -588,12 +610,12 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
 
     results = _Results(out, settings, resume=resume, command=command,
                        header={**header, "context": length, "eval_contexts": contexts})
-    results.data.update(environment=header["environment"], corpus=corpus.description,
+    results.data.update(environment=header["environment"], parallel=header["parallel"], corpus=corpus.description,
                         passkey_format=dataclasses.asdict(passkey_format),
                         perplexity_targets={"targets": targets.count, "documents": len(targets.documents),
                                             "per_document": cfg.eval_block, "stride": "context / 2"})
     if builtin:
-        base_state = _base_model_state(cfg, base_config, data, out, device, results)
+        base_state = _base_model_state(cfg, base_config, data, out, device, results, layout)
     records = {row["key"]: row for row in results.data["rows"]}
     for row in tqdm(rows, desc="rows"):
         record = records.setdefault(row.key, _row_record(row))
@@ -608,7 +630,8 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
             if trained:
                 model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(stage_dir).state_dict())
             else:
-                results.data["training"][row.key] = train_stage(model, row.stage, cfg, data, out, device)
+                results.data["training"][row.key] = train_stage(model, row.stage, cfg, data, out, device,
+                                                                layout)
                 model.save_pretrained(stage_dir)
                 (out / "checkpoints" / f"{row.key}.pt").unlink(missing_ok=True)
                 results.save()
@@ -665,6 +688,11 @@ def build_parser():
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a machine shared with "
                         "other busy processes)")
+    parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and "
+                        "optimizer state over every rank (FSDP2)")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="under torchrun: split each training sequence across N ranks (default 1); data "
+                        "parallel over the remaining ranks")
     return parser
 
 
@@ -690,9 +718,18 @@ def main(argv=None):
     pi_kernels.set_value_checks(False)
     preset, cfg = config_from_args(args)
     out = args.out or Path("examples/results") / preset
-    command = "python -m pi_kernels.recipes.extend_context " + " ".join(sys.argv[1:] if argv is None else argv)
-    return run(cfg, out=out, preset=preset, text_file=args.text, resume=args.resume, device=args.device,
-               command=command.strip(), probe=not args.no_probe)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layout = init_training_layout(fsdp=args.fsdp, context_parallel=args.context_parallel, device=device)
+    launcher = "python" if layout is None else f"torchrun --nproc_per_node {layout.world_size}"
+    if layout is not None and not layout.is_main:
+        out = out / "ranks" / str(layout.rank)
+    command = f"{launcher} -m pi_kernels.recipes.extend_context " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(cfg, out=out, preset=preset, text_file=args.text, resume=args.resume, device=device,
+                   command=command.strip(), probe=not args.no_probe, layout=layout)
+    finally:
+        if layout is not None:
+            layout.close()
 
 
 def _cpu_ops_run():
