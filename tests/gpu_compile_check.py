@@ -219,14 +219,17 @@ class Recorder:
         # The ops choose their backend from the inputs' device; the recorder's CPU tensors stand for GPU ones, so
         # the choice must be Triton's, as under the interpreter (only the backend choice is told so: the ops' own
         # _interpreting() stays False and they take their GPU branches).
+        # Likewise the attention tiles are chosen for the device's architecture: the target's.
         from pi_kernels import _backend
-        saved_interpreting = _backend._interpreting
+        from pi_kernels.ops import attention
+        saved_interpreting, saved_arch = _backend._interpreting, attention._device_arch
         JITFunction.run, Autotuner.run, _backend._interpreting = run, autotune, lambda: True
+        attention._device_arch = lambda device: recorder.arch
         try:
             yield
         finally:
             JITFunction.run, Autotuner.run = saved
-            _backend._interpreting = saved_interpreting
+            _backend._interpreting, attention._device_arch = saved_interpreting, saved_arch
 
     def run_variant(self, arch, variant, full):
         self.arch, self.variant, self.phase = arch, variant.name, "fwd"

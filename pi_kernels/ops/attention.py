@@ -200,27 +200,38 @@ class _Blocks(NamedTuple):
     num_stages: int
 
 
-def _blocks(kernel, head_dim, element_size, interpret):
-    """Tile sizes of ``kernel`` ("forward", "dkdv" or "dq") for a head_dim and input element size in bytes.
+def _device_arch(device):
+    """Compute capability of a CUDA ``device`` as one number (90 for sm_90). The compile check
+    (tests/gpu_compile_check.py) replaces this function to stand its target in for the device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _blocks(kernel, head_dim, element_size, device):
+    """Tile sizes of ``kernel`` ("forward", "dkdv" or "dq") for a head_dim, input element size in bytes and device.
 
     Under the interpreter: small, unequal tiles (query and key tiles differ, as on a GPU), so sequences of ~100
-    tokens span several blocks and every masking path runs. On a GPU (sm_90, checked with ptxas, see
-    benchmarks/NOTES.md): each tile dimension that is a dot's N is at least 64 (wgmma N ≥ 64), and the rows a program
-    owns are 64 per warpgroup (8 warps: 128 rows), so no two warpgroups compute the same rows. Not yet tuned by
-    timing on a GPU.
+    tokens span several blocks and every masking path runs. On a GPU (checked with ptxas, see benchmarks/NOTES.md):
+    on sm_90 each tile dimension that is a dot's N is at least 64 (wgmma N ≥ 64), and the rows a program owns are 64
+    per warpgroup (8 warps: 128 rows), so no two warpgroups compute the same rows; before sm_90 (mma.sync: the
+    accumulators live in registers) 16-bit tiles are sized not to spill. Not yet tuned by timing on a GPU.
     """
-    if interpret:
+    if _interpreting():
         return {"forward": _Blocks(64, 32, 4, 1), "dkdv": _Blocks(32, 64, 4, 1), "dq": _Blocks(64, 32, 4, 1)}[kernel]
     if element_size > 2:
         # float32 (TF32 dots): twice the bytes per tile; the loop's tiles are narrower (32 rows) and single-staged to
         # stay within the shared memory of an A100 (163 KiB). The sm_90 budgets are for 16-bit inputs.
         table = {"forward": _Blocks(128, 64, 8, 2), "dkdv": _Blocks(32, 128, 8, 1), "dq": _Blocks(128, 32, 8, 1)}
-    elif head_dim <= 128:
+    elif head_dim > 128:
+        table = {"forward": _Blocks(64, 64, 4, 2), "dkdv": _Blocks(64, 64, 4, 1), "dq": _Blocks(64, 64, 4, 1)}
+    elif _device_arch(device) >= 90:
         # dk/dv single-staged: with the next query tile prefetched it spilled 20-44 bytes on sm_90 whenever the
         # query length is not known to be a multiple of 16 (varlen, or seq_q 217).
         table = {"forward": _Blocks(128, 128, 8, 3), "dkdv": _Blocks(64, 128, 8, 1), "dq": _Blocks(128, 64, 8, 2)}
     else:
-        table = {"forward": _Blocks(64, 64, 4, 2), "dkdv": _Blocks(64, 64, 4, 1), "dq": _Blocks(64, 64, 4, 1)}
+        # sm_80: the sm_90 tiles spilled 36-388 bytes here; half the loop step (forward 64 keys, dq 32 keys) and 32
+        # queries per dk/dv step do not.
+        table = {"forward": _Blocks(128, 64, 8, 3), "dkdv": _Blocks(32, 128, 8, 1), "dq": _Blocks(128, 32, 8, 2)}
     return table[kernel]
 
 
@@ -266,7 +277,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core):
     lse = torch.empty(_lse_shape(q, varlen), device=q.device, dtype=torch.float32)
     cu_seqlens, n_seqs, seq_q, seq_k = _sequences(q, k, cu_seqlens_q, cu_seqlens_k)
     n_heads, head_dim = q4.shape[2], q4.shape[3]
-    blocks = _blocks("forward", head_dim, q.element_size(), _interpreting())
+    blocks = _blocks("forward", head_dim, q.element_size(), q.device)
     # Few queries per sequence (decode): a query tile no taller than needed wastes less of the dots.
     if core.max_seqlen_q < blocks.block_m:
         block_m = max(16, triton.next_power_of_2(core.max_seqlen_q))
@@ -312,7 +323,7 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             num_warps=4,
         )
     scales = (core.softmax_scale * LOG2E.value, core.softmax_scale)
-    blocks = _blocks("dkdv", head_dim, q.element_size(), interpret)
+    blocks = _blocks("dkdv", head_dim, q.element_size(), q.device)
     n_k_blocks = triton.cdiv(core.max_seqlen_k, blocks.block_n)
     # Past head_dim 64 the dk and dv accumulators of a 128-key tile fill the registers: one launch computes dv, a
     # second dk (recomputing the scores: 5 dots instead of 4), and neither spills.
@@ -324,7 +335,7 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             *dv_strides, *lse_strides, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
             **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen),
         )
-    blocks = _blocks("dq", head_dim, q.element_size(), interpret)
+    blocks = _blocks("dq", head_dim, q.element_size(), q.device)
     n_q_blocks = triton.cdiv(core.max_seqlen_q, blocks.block_m)
     if n_q_blocks:
         _attention_backward_dq_kernel[(n_q_blocks * n_seqs * n_heads,)](
