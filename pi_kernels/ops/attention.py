@@ -219,9 +219,11 @@ def _blocks(kernel, head_dim, element_size, device):
     if _interpreting():
         return {"forward": _Blocks(64, 32, 4, 1), "dkdv": _Blocks(32, 64, 4, 1), "dq": _Blocks(64, 32, 4, 1)}[kernel]
     if element_size > 2:
-        # float32 (TF32 dots): twice the bytes per tile; the loop's tiles are narrower (32 rows) and single-staged to
-        # stay within the shared memory of an A100 (163 KiB). The sm_90 budgets are for 16-bit inputs.
-        table = {"forward": _Blocks(128, 64, 8, 2), "dkdv": _Blocks(32, 128, 8, 1), "dq": _Blocks(128, 32, 8, 1)}
+        # float32 (TF32 dots): twice the bytes per tile and register; the backward's loop steps are 16 rows (wgmma
+        # N = 16: the sm_90 budgets are for 16-bit inputs), single-staged, and the forward's key step 64 on sm_90
+        # (1 stage), 32 before: the widest tiles found that do not spill, within an A100's shared memory (163 KiB).
+        forward = _Blocks(128, 64, 8, 1) if _device_arch(device) >= 90 else _Blocks(128, 32, 8, 2)
+        table = {"forward": forward, "dkdv": _Blocks(16, 128, 8, 1), "dq": _Blocks(128, 16, 8, 1)}
     elif head_dim > 128:
         table = {"forward": _Blocks(64, 64, 4, 2), "dkdv": _Blocks(64, 64, 4, 1), "dq": _Blocks(64, 64, 4, 1)}
     elif _device_arch(device) >= 90:
