@@ -73,6 +73,7 @@ class Loop:
     end: int
     instructions: int = 0
     barriers: int = 0
+    mma: list = field(default_factory=list)       # the tensor-core instruction shapes in it
 
 
 @dataclass
@@ -88,6 +89,7 @@ class SassMetrics:
     loops: int = 0
     loop_instructions: int = 0                    # in the main loop (innermost, most instructions), per iteration
     loop_barriers: int = 0                        # BAR.* in the main loop
+    mma_loops: list = field(default_factory=list)  # Loop of each innermost loop with tensor-core instructions
 
 
 def _parse(sass):
@@ -128,6 +130,7 @@ def sass_metrics(sass):
                 if loop.start <= address <= loop.end]
         loop.instructions = len(body)
         loop.barriers = sum(opcode == "BAR" for opcode, _ in body)
+        loop.mma = sorted({".".join([opcode, *modifiers[:1]]) for opcode, modifiers in body if opcode in _MMA_OPCODES})
     innermost = [loop for loop in loops if not any(other is not loop and loop.start <= other.start and
                                                    other.end <= loop.end for other in loops)]
     if innermost:
@@ -136,6 +139,12 @@ def sass_metrics(sass):
     metrics.loads, metrics.stores, metrics.mma = dict(sorted(loads.items())), dict(sorted(stores.items())), \
         dict(sorted(mma.items()))
     metrics.loops = len(loops)
+    # The loops that hold tensor-core instructions and no other such loop (a loop without them inside one, such as
+    # a slow path, is part of its body), in address order.
+    with_mma = [loop for loop in loops if loop.mma]
+    metrics.mma_loops = sorted((loop for loop in with_mma if not any(
+        other is not loop and loop.start <= other.start and other.end <= loop.end for other in with_mma)),
+        key=lambda loop: loop.start)
     return metrics
 
 
@@ -168,6 +177,7 @@ class KernelMetrics:
     config: str                   # launch config (Triton) or template arguments (CUDA)
     dtype: str
     variants: list
+    constants: dict = field(default_factory=dict)  # int and bool constexprs by name, and num_warps (Triton)
     regs: int = 0
     spill_stores: int = 0
     smem: int = 0
@@ -183,7 +193,8 @@ class KernelMetrics:
 
 
 def _triton_kernel_metrics(job, result):
-    metrics = KernelMetrics(job.arch, job.name, "triton", job.config, job.dtype, list(job.variants))
+    constants = {name: value for name, value in job.constants.items() if isinstance(value, (bool, int))}
+    metrics = KernelMetrics(job.arch, job.name, "triton", job.config, job.dtype, list(job.variants), constants)
     if "error" in result:
         metrics.error = result["error"]
         return metrics
@@ -198,10 +209,12 @@ def _triton_kernel_metrics(job, result):
     return metrics
 
 
-def triton_metrics(archs=(90,), full=False, only=None, jobs=2):
+def triton_metrics(archs=(90,), full=False, only=None, jobs=2, variants=None):
     """Compile the recorded Triton kernel variants for ``archs``; returns (list of :class:`KernelMetrics`, list of
-    compile-check failure messages)."""
-    variants = check.selected_variants(full, only)
+    compile-check failure messages). ``variants``: these ``check.Variant``s instead of the compile check's (then
+    nothing is reported as not covered)."""
+    given = variants is not None
+    variants = variants if given else check.selected_variants(full, only)
     recorder = check.record_all(list(archs), variants, full)
     compile_jobs = list(recorder.jobs.values())
     # The slow compiles first, so the pool does not finish on one of them alone.
@@ -211,7 +224,7 @@ def triton_metrics(archs=(90,), full=False, only=None, jobs=2):
     failures = [f"OP FAILED: {name} on sm_{arch}: {message}" for arch, name, message in recorder.failures]
     for job, result in zip(compile_jobs, results, strict=True):
         failures += check.check(job, result)
-    if only is None:
+    if only is None and not given:
         compiled = {(job.module, job.name, job.arch) for job in compile_jobs}
         failures += [f"NOT COVERED: {module}.{name} was compiled for sm_{arch} by no variant"
                      for module, name in sorted(check.package_kernels()) for arch in archs

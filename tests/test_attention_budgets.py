@@ -1,10 +1,13 @@
-"""Issue 11's sm_90 budgets for attention, read from the compiled code without a GPU (``tests/attention_sass.py``).
+"""Issue 11's budgets for attention, read from the compiled code without a GPU (``tests/attention_sass.py``).
+
+On sm_90:
 
 * RoPE costs nothing inside the loops: the instructions per inner-loop iteration of every attention kernel that a
   call with RoPE launches are at most 1.10x those of the same kernel launched without RoPE;
-* every tile is a wgmma (``HGMMA``) with N >= 64;
-* the rows a program owns are 64 per warpgroup: no two warpgroups compute the same rows;
-* no spills in the bf16/fp16 configs, for head_dim 64, 80 and 128, dense and packed (varlen).
+* every 16-bit tile is a wgmma (``HGMMA``) with N >= 64;
+* the rows a program owns are 64 per warpgroup: no two warpgroups compute the same rows.
+
+On sm_90 and sm_80: no spills, for bf16/fp16 at head_dim 64, 80 and 128, dense and packed (varlen), and float32.
 
 Marked ``static`` (it compiles for a minute or more): run by ``make check-gpu-compile``, not by ``make test``.
 """
@@ -46,8 +49,8 @@ def kernels(tmp_path_factory):
 
 
 def _core(kernels):
-    """The compute-bound kernels (the delta pass is a row reduction without dots)."""
-    core = [kernel for kernel in kernels if "delta" not in kernel["name"]]
+    """The compute-bound kernels on sm_90 (the delta pass is a row reduction without dots)."""
+    core = [kernel for kernel in kernels if "delta" not in kernel["name"] and kernel["arch"] == 90]
     assert {kernel["name"] for kernel in core} == {"_attention_forward_kernel", "_attention_backward_dkdv_kernel",
                                                    "_attention_backward_dq_kernel"}
     return core
@@ -67,7 +70,7 @@ def test_rope_adds_at_most_10_percent_per_iteration(kernels, shapes):
     for kernel in with_rope:
         # The same kernel with the same tile and flags (dk-only and dv-only launches are told apart).
         peers = [other for other in without if other["name"] == kernel["name"]
-                 and other["constexprs"] == kernel["constexprs"] and other["num_warps"] == kernel["num_warps"]]
+                 and other["constexprs"] == kernel["constexprs"]]
         assert peers, f"{kernel['name']} [{kernel['config']}] has no counterpart without RoPE"
         ours = [loop["instructions"] for loop in kernel["loops"]]
         theirs = [loop["instructions"] for loop in peers[0]["loops"]]
@@ -76,8 +79,10 @@ def test_rope_adds_at_most_10_percent_per_iteration(kernels, shapes):
             assert a <= RATIO_BUDGET * b, f"{kernel['name']}: {a} vs {b} instructions per iteration with/without RoPE"
 
 
-def test_every_tile_is_a_wgmma_with_n_at_least_64(kernels):
+def test_every_16_bit_tile_is_a_wgmma_with_n_at_least_64(kernels):
     for kernel in _core(kernels):
+        if kernel["dtype"] not in ("bf16", "fp16"):
+            continue  # float32 (TF32) takes 16-row backward steps, N = 16, not to spill (benchmarks/NOTES.md)
         shapes = {mma for loop in kernel["loops"] for mma in loop["mma"]}
         assert shapes, f"{kernel['name']} [{kernel['config']}]: no tensor-core instruction in its loops"
         for mma in shapes:
@@ -90,10 +95,13 @@ def test_each_warpgroup_owns_its_rows(kernels):
     for kernel in _core(kernels):
         # Rows of the program's own tile: keys for dk/dv, queries otherwise; wgmma gives a warpgroup 64 rows.
         rows = kernel["constexprs"]["BLOCK_N" if "dkdv" in kernel["name"] else "BLOCK_M"]
-        assert rows == 64 * kernel["num_warps"] // 4, f"{kernel['name']} [{kernel['config']}]: {rows} rows"
+        warps = kernel["constexprs"]["num_warps"]
+        assert rows == 64 * warps // 4, f"{kernel['name']} [{kernel['config']}]: {rows} rows"
 
 
-def test_no_spills_in_16_bit_configs(kernels):
+def test_no_spills(kernels):
+    assert {kernel["arch"] for kernel in kernels} == {90, 80}
+    assert {kernel["dtype"] for kernel in kernels} == {"bf16", "fp16", "fp32"}
     for kernel in kernels:
-        if kernel["dtype"] in ("bf16", "fp16"):
-            assert kernel["spills"] == 0, f"{kernel['name']} [{kernel['config']}]: {kernel['spills']} bytes spilled"
+        where = f"sm_{kernel['arch']} {kernel['name']} {kernel['dtype']} [{kernel['config']}]"
+        assert kernel["spills"] == 0, f"{where}: {kernel['spills']} bytes spilled"
