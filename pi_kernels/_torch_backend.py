@@ -69,18 +69,41 @@ def _pairs(x4, rotary_dim, interleaved):
     return x4[..., :half], x4[..., half:rotary_dim]
 
 
+# Elements of x rotated per block of tokens. Each op below is one pass over its operands; over a whole large tensor
+# every pass goes to memory, over a block its float32 temporaries (2 MiB each) stay in cache between the passes.
+# Measured on one thread, bf16 q (1, 2048, 32, 128): 38 ms unblocked, 4.1 ms in blocks of 2^19 (2^18: 4.6, 2^20: 3.8
+# but slower at fp32 and smaller shapes).
+_BLOCK_ELEMENTS = 1 << 19
+
+
 def _rotate_into(x4, out4, cos, sin, rotary_dim, interleaved, copy_tail):
-    """out4 = x4 rotated; cos/sin broadcast against (..., rotary_dim // 2). out4 may be x4 (in place)."""
+    """out4 = x4 rotated, in blocks of tokens; out4 may be x4 (in place).
+
+    x4, out4: (..., tokens, heads, head_dim); cos, sin: float32 (..., tokens, 1, rotary_dim // 2), broadcast over
+    heads.
+    """
     if x4.numel() == 0:
         return
-    # One float32 copy of the rotated features, one float32 result written back with a single rounding; both
-    # halves are computed before anything is written (in place, x4 and out4 are the same memory).
-    x1, x2 = _pairs(x4[..., :rotary_dim].to(torch.float32), rotary_dim, interleaved)
-    rotated = torch.empty(x4.shape[:-1] + (rotary_dim,), dtype=torch.float32, device=x4.device)
-    out1, out2 = _pairs(rotated, rotary_dim, interleaved)
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1.0)
-    torch.mul(x1, sin, out=out2).addcmul_(x2, cos)
-    out4[..., :rotary_dim].copy_(rotated)
+    tokens = x4.shape[-3]
+    block = max(1, _BLOCK_ELEMENTS * tokens // x4[..., :rotary_dim].numel())
+    # Reused by every block: one float32 copy of the rotated features (none when x4 is float32) and one float32
+    # result, written back with a single rounding; both halves are computed before anything is written (in place,
+    # x4 and out4 are the same memory).
+    block_shape = x4.shape[:-3] + (min(block, tokens),) + x4.shape[-2:-1] + (rotary_dim,)
+    x_f32 = None if x4.dtype == torch.float32 else torch.empty(block_shape, dtype=torch.float32, device=x4.device)
+    rotated = torch.empty(block_shape, dtype=torch.float32, device=x4.device)
+    for start in range(0, tokens, block):
+        size = min(block, tokens - start)
+        x_block = x4.narrow(-3, start, size)[..., :rotary_dim]
+        if x_f32 is not None:
+            x_block = x_f32.narrow(-3, 0, size).copy_(x_block)
+        rotated_block = rotated.narrow(-3, 0, size)
+        cos_block, sin_block = cos.narrow(-3, start, size), sin.narrow(-3, start, size)
+        x1, x2 = _pairs(x_block, rotary_dim, interleaved)
+        out1, out2 = _pairs(rotated_block, rotary_dim, interleaved)
+        torch.mul(x1, cos_block, out=out1).addcmul_(x2, sin_block, value=-1.0)
+        torch.mul(x1, sin_block, out=out2).addcmul_(x2, cos_block)
+        out4.narrow(-3, start, size)[..., :rotary_dim].copy_(rotated_block)
     if copy_tail and rotary_dim < x4.shape[-1] and out4.data_ptr() != x4.data_ptr():
         out4[..., rotary_dim:].copy_(x4[..., rotary_dim:])
 

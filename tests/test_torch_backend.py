@@ -122,6 +122,31 @@ def test_poisoned_outputs_are_fully_written(device):
         assert_close(out, ref, torch.float32, name=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("interleaved, inplace", [(False, False), (True, True)])
+def test_rotary_in_blocks_of_tokens(device, monkeypatch, dtype, layout, interleaved, inplace):
+    """Rotated block by block (q: blocks of 5 of its 33 tokens, k: 20), the result has the same bits as in one block."""
+    q, k = make_qk(layout, device, dtype, fused=inplace)
+    positions = make_positions("ids", layout, device)
+    options = dict(scaling_factor=4.0, rotary_dim=48, interleaved=interleaved, layout=layout, inplace=inplace,
+                   backend="torch")
+    whole = [out.clone() for out in pi_kernels.rotary_interp(q.clone(), k.clone(), positions, **options)]
+    # 5 tokens of q (2 sequences x 4 heads x 48 rotated features each); k has 1 head, so 20 tokens.
+    monkeypatch.setattr(_torch_backend, "_BLOCK_ELEMENTS", 5 * 2 * 4 * 48)
+    blocked = pi_kernels.rotary_interp(q, k, positions, **options)
+    for name, out, expected in zip("qk", blocked, whole, strict=True):
+        assert torch.equal(out, expected), f"{name} differs when rotated in blocks of tokens"
+
+
+def test_blocks_of_tokens_in_the_other_ops(device, monkeypatch):
+    """rotary_embedding (in place), the KV-cache append (gathered tokens) and qkv_proj, in blocks of 1-2 tokens."""
+    monkeypatch.setattr(_torch_backend, "_BLOCK_ELEMENTS", 200)
+    test_rotary_embedding_matches_reference(device, torch.bfloat16, False, 48, False, True)
+    test_kv_cache_append_matches_reference(device, torch.float32, 48, "ids")
+    test_poisoned_outputs_are_fully_written(device)
+
+
 def test_rotary_precision_at_a_million_positions(device):
     """The float64 angle reduction: error at position ~2**20 stays at the float32 level."""
     q, k = make_qk("bshd", device, torch.float32, seq=8)
