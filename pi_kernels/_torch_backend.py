@@ -7,7 +7,8 @@ so an op's custom op, autograd formula, checks and ``torch.library`` registratio
 The angles are computed as the kernels compute them (``ops/_rope.py``): float64 turns ``m · turns_table[j]``,
 whole turns dropped exactly, the fraction brought into [-1/2, 1/2] and multiplied by 2π in float64, then one float32
 sin/cos per (position, pair), broadcast over heads. The rotation runs in float32 and rounds once to the output
-dtype. Everything is vectorized over tokens, heads and pairs; nothing loops in Python over tokens or heads.
+dtype. Everything is vectorized over tokens, heads and pairs; the rotation alone loops in Python, over blocks of
+tokens of a fixed size (``_BLOCK_ELEMENTS``), never over single tokens or heads.
 
 This is not :mod:`pi_kernels.reference` (the independent float64 oracle the tests compare every backend to).
 """
