@@ -87,24 +87,19 @@ def _rotate_into(x4, out4, cos, sin, rotary_dim, interleaved, copy_tail):
         return
     tokens = x4.shape[-3]
     block = max(1, _BLOCK_ELEMENTS * tokens // x4[..., :rotary_dim].numel())
-    # Reused by every block: one float32 copy of the rotated features (none when x4 is float32) and one float32
-    # result, written back with a single rounding; both halves are computed before anything is written (in place,
-    # x4 and out4 are the same memory).
-    block_shape = x4.shape[:-3] + (min(block, tokens),) + x4.shape[-2:-1] + (rotary_dim,)
-    x_f32 = None if x4.dtype == torch.float32 else torch.empty(block_shape, dtype=torch.float32, device=x4.device)
-    rotated = torch.empty(block_shape, dtype=torch.float32, device=x4.device)
     for start in range(0, tokens, block):
-        size = min(block, tokens - start)
-        x_block = x4.narrow(-3, start, size)[..., :rotary_dim]
-        if x_f32 is not None:
-            x_block = x_f32.narrow(-3, 0, size).copy_(x_block)
-        rotated_block = rotated.narrow(-3, 0, size)
-        cos_block, sin_block = cos.narrow(-3, start, size), sin.narrow(-3, start, size)
-        x1, x2 = _pairs(x_block, rotary_dim, interleaved)
-        out1, out2 = _pairs(rotated_block, rotary_dim, interleaved)
+        x_block, out_block, cos_block, sin_block = (
+            (x4, out4, cos, sin) if block >= tokens
+            else (t.narrow(-3, start, min(block, tokens - start)) for t in (x4, out4, cos, sin)))
+        # One float32 copy of the rotated features (none when x4 is float32), one float32 result written back with a
+        # single rounding; both halves are computed before anything is written (in place, x4 and out4 are the same
+        # memory).
+        x1, x2 = _pairs(x_block[..., :rotary_dim].to(torch.float32), rotary_dim, interleaved)
+        rotated = torch.empty(x_block.shape[:-1] + (rotary_dim,), dtype=torch.float32, device=x4.device)
+        out1, out2 = _pairs(rotated, rotary_dim, interleaved)
         torch.mul(x1, cos_block, out=out1).addcmul_(x2, sin_block, value=-1.0)
         torch.mul(x1, sin_block, out=out2).addcmul_(x2, cos_block)
-        out4.narrow(-3, start, size)[..., :rotary_dim].copy_(rotated_block)
+        out_block[..., :rotary_dim].copy_(rotated)
     if copy_tail and rotary_dim < x4.shape[-1] and out4.data_ptr() != x4.data_ptr():
         out4[..., rotary_dim:].copy_(x4[..., rotary_dim:])
 
