@@ -415,11 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 group = run_group(family, seqs, dtype_name, causal, args.modes, providers, device=run.device,
                                   budget=run.budget, on_gpu=run.on_gpu)
                 rows.extend(group)
-                harness.save_rows(run, group)
-                print(f"\n{family.name} (heads {family.n_heads}, head_dim {family.head_dim}, "
-                      f"{family.tokens_per_batch} tokens per batch), {dtype_name}, causal={causal}:", flush=True)
-                print(harness.format_table(group, TABLE_COLUMNS), flush=True)
-                harness.print_problems(group)
+                harness.report_group(run, group, f"{family.name} (heads {family.n_heads}, head_dim "
+                                     f"{family.head_dim}, {family.tokens_per_batch} tokens per batch), "
+                                     f"{dtype_name}, causal={causal}", TABLE_COLUMNS)
     for p in providers:
         print(f"  {p.name}: {p.note}", flush=True)
     for point in memory_scaling(rows):

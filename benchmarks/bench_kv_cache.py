@@ -281,14 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             group = run_case(case, dtype_name, backends, run, ceiling)
             harness.free_memory(run.device)
             rows.extend(group)
-            harness.save_rows(run, group)
-            print(
-                f"\n{case.name} (batch {case.batch}, {case.new} new, heads {case.n_heads}/{case.n_kv_heads}, "
-                f"head_dim {case.head_dim}, max_len {case.max_len}), {dtype_name}:",
-                flush=True,
-            )
-            print(harness.format_table(group, TABLE_COLUMNS), flush=True)
-            harness.print_problems(group)
+            harness.report_group(run, group, f"{case.name} (batch {case.batch}, {case.new} new, heads "
+                                 f"{case.n_heads}/{case.n_kv_heads}, head_dim {case.head_dim}, max_len "
+                                 f"{case.max_len}), {dtype_name}", TABLE_COLUMNS)
     misses = [r for r in rows if r["target"] == "MISS"]
     harness.finish_run(
         run,

@@ -330,11 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             group = run_group(family, tokens, dtype_name, args.modes, providers, device=run.device,
                               budget=run.budget, ceiling_tflops=ceiling, on_gpu=run.on_gpu)
             rows.extend(group)
-            harness.save_rows(run, group)
-            print(f"\n{family.name} (hidden {family.hidden}, heads {family.n_heads}/{family.n_kv_heads}, "
-                  f"head_dim {family.head_dim}), {dtype_name}:", flush=True)
-            print(harness.format_table(group, TABLE_COLUMNS), flush=True)
-            harness.print_problems(group)
+            harness.report_group(run, group, f"{family.name} (hidden {family.hidden}, heads "
+                                 f"{family.n_heads}/{family.n_kv_heads}, head_dim {family.head_dim}), {dtype_name}",
+                                 TABLE_COLUMNS)
     for p in providers:
         print(f"  {p.name}: {p.note}", flush=True)
     misses = [r for r in rows if r["target"] == "MISS"]

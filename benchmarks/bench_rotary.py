@@ -528,9 +528,7 @@ def _interpreter_parity(
         for family in CPU_FAMILIES:
             rows += run_group(family, family.tokens, dtype_name, args.modes, providers, device=run.device,
                               budget=run.budget, ceiling_gbs=None, on_gpu=False, timed=False)
-    harness.save_rows(run, rows)
-    print(harness.format_table(rows, PARITY_TABLE_COLUMNS), flush=True)
-    harness.print_problems(rows)
+    harness.report_group(run, rows, None, PARITY_TABLE_COLUMNS)
     return rows
 
 
@@ -581,15 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 on_gpu=run.on_gpu,
             )
             rows.extend(group)
-            harness.save_rows(run, group)
-            print(
-                f"\n{family.name} (heads {family.n_heads}/{family.n_kv_heads}, head_dim {family.head_dim}), "
-                f"{dtype_name}:",
-                flush=True,
-            )
-            print(harness.format_table(group, CPU_TIMING_TABLE_COLUMNS if run.cpu_timing else TABLE_COLUMNS),
-                  flush=True)
-            harness.print_problems(group)
+            harness.report_group(run, group, f"{family.name} (heads {family.n_heads}/{family.n_kv_heads}, head_dim "
+                                 f"{family.head_dim}), {dtype_name}",
+                                 CPU_TIMING_TABLE_COLUMNS if run.cpu_timing else TABLE_COLUMNS)
     rows.extend(_interpreter_parity(args, checked_only, run))
 
     if run.cpu_timing:

@@ -5,7 +5,8 @@ Every benchmark script (``bench_rotary``, ``bench_kv_cache``, ``bench_qkv_proj``
 
 * :func:`bench_parser` and :func:`start_run` are the common command line and set-up (device, interpreter, budget,
   shape families, environment header); :func:`check_then_time` is the parity-then-time step of every cell;
-  :func:`save_rows` appends a group's rows as soon as it is measured, :func:`finish_run` writes the run's JSON,
+  :func:`report_group` appends a group's rows as soon as it is measured (:func:`save_rows`) and prints its table,
+  :func:`finish_run` writes the run's JSON,
   plot and summary table;
 * :func:`measure` times a callable (``triton.testing.do_bench`` on a GPU, a wall-clock loop otherwise);
 * :func:`copy_bandwidth_gbs` and :func:`matmul_tflops` measure the ceilings in the same run;
@@ -903,6 +904,16 @@ def save_rows(run: BenchRun, rows: Sequence[Mapping[str, Any]]) -> None:
     """Append a measured group to ``<folder>/<name>.csv`` at once, so a run cut short keeps what finished."""
     if run.folder is not None and rows:
         append_results(run.folder / f"{run.name}.csv", rows, run.env)
+
+
+def report_group(run: BenchRun, rows: Sequence[Mapping[str, Any]], title: str | None,
+                 columns: Sequence[Column]) -> None:
+    """Save a measured group (:func:`save_rows`), then print its title, its table and why cells were not timed."""
+    save_rows(run, rows)
+    if title is not None:
+        print(f"\n{title}:", flush=True)
+    print(format_table(rows, columns), flush=True)
+    print_problems(rows)
 
 
 def largest_rows(rows: Iterable[Mapping[str, Any]], group_cols: Sequence[str]) -> list[Mapping[str, Any]]:
