@@ -46,6 +46,19 @@ def _sequence_bounds(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seq_idx, seq_q, seq_k, 
 
 
 @triton.jit
+def _query_block_program(n_q_blocks, n_heads, CAUSAL: tl.constexpr):
+    """(query block, sequence, head) of this program in a grid of (n_q_blocks · sequences · heads,).
+
+    Causal grids run the longest rows first: better balance of the tail of the grid.
+    """
+    pid = tl.program_id(0)
+    block = pid % n_q_blocks
+    if CAUSAL:
+        block = n_q_blocks - 1 - block
+    return block, (pid // n_q_blocks) // n_heads, (pid // n_q_blocks) % n_heads
+
+
+@triton.jit
 def _load_block(x_ptr, n_rows, stride_s, stride_d, row0, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
     """Rows row0 .. row0 + ROWS - 1 of the (n_rows, HEAD_DIM) matrix at x_ptr (one head of one sequence), (ROWS,
@@ -125,12 +138,7 @@ def _attention_forward_kernel(
     DOT_DTYPE: tl.constexpr,        # dot operand type: the input's; float32 under the interpreter (16-bit dots break)
 ):
     # Grid: (n_q_blocks · sequences · heads,). One program owns BLOCK_M queries of one head and walks the keys.
-    pid = tl.program_id(0)
-    block = pid % n_q_blocks
-    if CAUSAL:
-        block = n_q_blocks - 1 - block  # longest rows first: better balance of the tail of the grid
-    seq_idx = (pid // n_q_blocks) // n_heads
-    head = (pid // n_q_blocks) % n_heads
+    block, seq_idx, head = _query_block_program(n_q_blocks, n_heads, CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seq_idx, seq_q, seq_k,
                                                       IS_VARLEN)
     m0 = block * BLOCK_M
@@ -332,12 +340,7 @@ def _attention_backward_dq_kernel(
 ):
     # Grid: (n_q_blocks · sequences · heads,). One program owns BLOCK_M queries of one head and walks the keys, as
     # the forward does.
-    pid = tl.program_id(0)
-    block = pid % n_q_blocks
-    if CAUSAL:
-        block = n_q_blocks - 1 - block
-    seq_idx = (pid // n_q_blocks) // n_heads
-    head = (pid // n_q_blocks) % n_heads
+    block, seq_idx, head = _query_block_program(n_q_blocks, n_heads, CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seq_idx, seq_q, seq_k,
                                                       IS_VARLEN)
     m0 = block * BLOCK_M
