@@ -348,6 +348,9 @@ BAD_INPUTS = [
     ("bias tensor with tuple weight", dict(weight="tuple", bias=(768,)), {}, TypeError, "bias must be None or a "),
     ("odd head_dim", {}, dict(head_dim=95, num_heads=4, num_kv_heads=4), ValueError, "head_dim must be even"),
     ("num_kv_heads 0", {}, dict(num_kv_heads=0), ValueError, "num_kv_heads must be an int"),
+    # The weight has the rows these head counts ask for, so only the grouping is wrong.
+    ("heads not a multiple", dict(weight=(96 * 7, 64)), dict(num_heads=3, num_kv_heads=2), ValueError,
+     r"num_heads \(3\) must be a multiple of num_kv_heads \(2\)"),
     ("rotary_dim > head_dim", {}, dict(rotary_dim=128), ValueError, "rotary_dim must be"),
     ("scaling_factor", {}, dict(scaling_factor=0.0), ValueError, "scaling_factor must be"),
     ("inv_freq shape", {}, dict(inv_freq=("float32", (16,))), ValueError, "inv_freq must have shape"),

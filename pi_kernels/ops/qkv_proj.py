@@ -469,6 +469,9 @@ def _check_projection(x, weight, bias, num_heads, num_kv_heads, head_dim):
                          f"{tuple(x.shape)}")
     _check_int(num_heads, "num_heads", 1)
     _check_int(num_kv_heads, "num_kv_heads", 1)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}): each kv head "
+                         "serves a whole group of query heads")
     _check_int(head_dim, "head_dim", 2)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
