@@ -11,8 +11,9 @@ explicit positions, so RoPE rotates a shard at [r·c .. (r+1)·c) ∪ [(2W−1�
 step, each rank sends and receives (W−1)/W of the full K and V once forward and their gradients once backward (see
 the README, "Training past one GPU").
 
-Only ``torch.distributed`` is used: process groups and the ``all_gather_single`` / ``reduce_scatter_single``
-collectives, so NCCL, gloo and any other backend that has them work.
+Only ``torch.distributed`` is used: process groups and the tensor all-gather and reduce-scatter collectives
+(``all_gather_into_tensor`` / ``reduce_scatter_tensor``, which torch 2.13 renamed ``all_gather_single`` /
+``reduce_scatter_single``), so NCCL, gloo and any other backend that has them work.
 """
 
 import torch
@@ -69,11 +70,16 @@ def _to_rank_order(full, seq_dim, world_size):
     return halves.flatten(seq_dim + 1, seq_dim + 2).contiguous()
 
 
+def _tensor_collective(name, old_name):
+    """``torch.distributed.<name>``, or its name before torch 2.13 (which deprecates the old one with a warning)."""
+    return getattr(dist, name, None) or getattr(dist, old_name)
+
+
 def _all_gather_sequence(local, seq_dim, group, world_size):
     """Every rank's shard of ``local`` in sequence order (no autograd)."""
     # The concatenated form (every backend takes it; gloo refuses the stacked one), viewed as a stack.
     gathered = local.new_empty((world_size * local.shape[0], *local.shape[1:]))
-    dist.all_gather_single(gathered, local.contiguous(), group=group)
+    _tensor_collective("all_gather_single", "all_gather_into_tensor")(gathered, local.contiguous(), group=group)
     return _to_sequence_order(gathered.view(world_size, *local.shape), seq_dim)
 
 
@@ -89,7 +95,8 @@ class _GatherSequence(torch.autograd.Function):
     def backward(ctx, grad_full):
         stacked = _to_rank_order(grad_full, ctx.seq_dim, ctx.world_size)
         grad_local = stacked.new_empty(stacked.shape[1:])
-        dist.reduce_scatter_single(grad_local, stacked.flatten(0, 1), group=ctx.group)
+        _tensor_collective("reduce_scatter_single", "reduce_scatter_tensor")(grad_local, stacked.flatten(0, 1),
+                                                                             group=ctx.group)
         return grad_local, None, None, None
 
 

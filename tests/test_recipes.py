@@ -323,6 +323,24 @@ def test_plan_counts_every_stage_and_evaluation():
     assert all(flops > 0 for _, flops in work)
 
 
+def test_plan_flag_prints_the_plan_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    """``--plan``: every stage and a time estimate on stdout, then stop; nothing trained, evaluated or written."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("--plan must not load the corpus, train or evaluate")
+
+    for name in ("run", "train_stage", "perplexity", "passkey_accuracy"):
+        monkeypatch.setattr(recipe, name, refuse)
+    monkeypatch.setattr(recipe.recipe_data, "load_corpus", refuse)
+    monkeypatch.chdir(tmp_path)  # the default --out, recipe-runs/smoke, would be made here
+    result = recipe.main(["--smoke", "--plan"])
+    printed = capsys.readouterr().out
+    assert result["preset"] == "smoke" and result["estimated_seconds"] > 0
+    for line in ("Preset 'smoke' on CPU", "train the base model: 4 steps x 64 tokens at 32: ~",
+                 "fine-tune pi_ft_2: 2 steps x 64 tokens at 64: ~", "evaluate 8 rows at 3 contexts: ~", "Expected: ~"):
+        assert line in printed
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_smollm2_without_its_package_says_how_to_install(monkeypatch):
     def missing(name):
         raise recipe_data.importlib.metadata.PackageNotFoundError(name)

@@ -21,10 +21,12 @@ frequencies is :func:`pi_kernels.rotary_interp` in training and evaluation.
 
 Presets: ``gpu`` (SmolLM2-135M extended 8k -> 16k and 32k, one H100), ``cpu`` (the whole method on the built-in
 model on two cores, plus SmolLM2 without fine-tuning on long windows) and ``smoke`` (``--smoke``: a tiny pipeline check
-whose numbers mean nothing). The default follows the hardware; the plan and a time estimate are printed first.
+whose numbers mean nothing). The default follows the hardware; the plan and a time estimate are printed first, and
+``--plan`` prints them and stops (nothing is trained or written).
 
 Examples
 --------
+    python -m pi_kernels.recipes.extend_context --plan
     python -m pi_kernels.recipes.extend_context --smoke --out /tmp/pi-smoke
     python -m pi_kernels.recipes.extend_context --preset cpu --out /tmp/pi-cpu
     python -m pi_kernels.recipes.extend_context --preset gpu --out examples/results/h100
@@ -416,6 +418,55 @@ def _print_plan(cfg, preset, work, rate, device, probe_seconds):
         total += probe_seconds
     print(f"Expected: ~{total / 60:.0f} min (measured {rate / 1e9:.1f} GFLOP/s here just now; a rough estimate).",
           flush=True)
+    return total
+
+
+def _probe_only_plan(cfg, preset, pretrained, device):
+    """Print the plan of a pretrained model's probe (a preset with a probe and ``--model``); returns its seconds."""
+    seconds = _probe_seconds(cfg.probe, pretrained, device)
+    print(f"Preset {preset!r} on {device.type.upper()}: {cfg.model} without fine-tuning (fine-tuning it does not "
+          f"fit this preset), perplexity by position on {cfg.probe.windows} window(s) past its context for "
+          f"{', '.join(cfg.probe.methods)}. Expected: ~{seconds / 60:.0f} min.", flush=True)
+    return seconds
+
+
+def _announce(cfg, preset, base_config, pretrained, device, probe):
+    """Print the plan of the method's run on ``base_config`` and its estimated time; returns the seconds."""
+    rows = variants(cfg, base_config)
+    rate = _measure_flop_rate(patch_model(transformers.AutoModelForCausalLM.from_config(base_config).to(device)),
+                              device, cfg.batch_tokens)
+    probe_seconds = _probe_seconds(cfg.probe, pretrained, device) if probe and cfg.probe is not None else 0.0
+    return _print_plan(cfg, preset, plan(cfg, base_config, rows, train_base=cfg.model == "builtin"), rate, device,
+                       probe_seconds)
+
+
+def _probe_wanted(cfg, probe):
+    """Whether the run includes the SmolLM2 probe of a built-in run: asked for, in the preset, and installed."""
+    if probe and cfg.probe is not None and cfg.model == "builtin":
+        try:
+            recipe_data.smollm2_gguf_path()
+        except ImportError as err:
+            print(f"Skipping the SmolLM2 probe: {err}")
+            return False
+    return probe
+
+
+def show_plan(cfg, *, preset, device=None, probe=True):
+    """Print what :func:`run` would do with these arguments and its estimated time; returns the seconds.
+
+    Runs nothing and writes nothing: the estimate comes from the FLOPs of each stage and the FLOP rate of one
+    training step of the base model measured here and now (a forward of the probe's model for the probe), as the
+    run itself prints first. A built-in model is sized with the preset's vocabulary (its tokenizer is not trained).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    builtin = cfg.model == "builtin"
+    probe = _probe_wanted(cfg, probe)
+    pretrained = load_pretrained("smollm2" if builtin else cfg.model) \
+        if (probe and cfg.probe is not None) or not builtin else None
+    if not builtin and cfg.probe is not None:
+        return _probe_only_plan(cfg, preset, pretrained, device)
+    base_config = _builtin_config(cfg, cfg.vocab_size) if builtin else pretrained[0]
+    return _announce(cfg, preset, base_config, pretrained, device, probe)
 
 
 # ------------------------------------------------------------------------------------------------------- the run
@@ -561,14 +612,9 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
         print("SMOKE RUN: a tiny model trained for a few steps; the numbers below are meaningless and only show that "
               "the pipeline works.")
     builtin = cfg.model == "builtin"
-    probe_model = "smollm2" if builtin else cfg.model
-    if probe and cfg.probe is not None and builtin:
-        try:
-            recipe_data.smollm2_gguf_path()
-        except ImportError as err:
-            print(f"Skipping the SmolLM2 probe: {err}")
-            probe = False
-    pretrained = load_pretrained(probe_model) if (probe and cfg.probe is not None) or not builtin else None
+    probe = _probe_wanted(cfg, probe)
+    pretrained = load_pretrained("smollm2" if builtin else cfg.model) \
+        if (probe and cfg.probe is not None) or not builtin else None
     header = {"recipe": "pi_kernels.recipes.extend_context", "paper": "arXiv 2306.15595", "model": cfg.model,
               "environment": _environment(device),
               "parallel": layout.describe() if layout is not None else {"world_size": 1},
@@ -576,10 +622,7 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
                        "Numbers as measured by this run; nothing is tuned to the expected outcome.")}
 
     if not builtin and cfg.probe is not None:
-        probe_seconds = _probe_seconds(cfg.probe, pretrained, device)
-        print(f"Preset {preset!r} on {device.type.upper()}: {cfg.model} without fine-tuning (fine-tuning it does not "
-              f"fit this preset), perplexity by position on {cfg.probe.windows} window(s) past its context for "
-              f"{', '.join(cfg.probe.methods)}. Expected: ~{probe_seconds / 60:.0f} min.", flush=True)
+        _probe_only_plan(cfg, preset, pretrained, device)
         results = _Results(out, settings, resume=resume, command=command,
                            header={**header, "context": pretrained[0].max_position_embeddings, "eval_contexts": []})
         results.data.update(environment=header["environment"], parallel=header["parallel"])
@@ -603,10 +646,7 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
     contexts = [multiple * length for multiple in cfg.eval_multiples]
     targets = PerplexityTargets(corpus.held_out, block=cfg.eval_block, targets=cfg.eval_targets,
                                 max_context=max(contexts))
-    rate = _measure_flop_rate(patch_model(transformers.AutoModelForCausalLM.from_config(base_config).to(device)),
-                              device, cfg.batch_tokens)
-    probe_seconds = _probe_seconds(cfg.probe, pretrained, device) if probe and cfg.probe is not None else 0.0
-    _print_plan(cfg, preset, plan(cfg, base_config, rows, train_base=builtin), rate, device, probe_seconds)
+    _announce(cfg, preset, base_config, pretrained, device, probe)
 
     results = _Results(out, settings, resume=resume, command=command,
                        header={**header, "context": length, "eval_contexts": contexts})
@@ -694,6 +734,8 @@ def build_parser():
     parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
                         help="under torchrun: split each training sequence across N ranks (default 1); data "
                         "parallel over the remaining ranks")
+    parser.add_argument("--plan", action="store_true", help="print the plan and its estimated time (from a FLOP "
+                        "rate measured in seconds here), then stop: nothing is trained, evaluated or written")
     return parser
 
 
@@ -711,15 +753,18 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    """The command line; returns the results dict."""
+    """The command line; returns the results dict (with ``--plan``: the preset and the estimated seconds)."""
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Positions come from transformers' own arange: skip the host sync per layer that checks them (process-wide).
     pi_kernels.set_value_checks(False)
     preset, cfg = config_from_args(args)
-    out = args.out or Path("recipe-runs") / preset
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.plan:
+        return {"preset": preset, "estimated_seconds": show_plan(cfg, preset=preset, device=device,
+                                                                 probe=not args.no_probe)}
+    out = args.out or Path("recipe-runs") / preset
     layout = init_training_layout(fsdp=args.fsdp, context_parallel=args.context_parallel, device=device)
     launcher = "python" if layout is None else f"torchrun --nproc_per_node {layout.world_size}"
     if layout is not None and not layout.is_main:
