@@ -199,6 +199,13 @@ def test_legacy_rope_scaling_config(device):
     check_against_oracle(model, torch.float32, random_tokens(device))
 
 
+def set_checkpointing(model, enabled):
+    """Activation checkpointing on or off by the name this transformers has: 5.20 renamed
+    ``gradient_checkpointing_enable``/``_disable`` to ``activation_checkpointing_*`` (the old names warn since)."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{kind}_checkpointing_{'enable' if enabled else 'disable'}")()
+
+
 def test_gradient_checkpointing_and_compile(device):
     """Training setups that re-enter or trace the forward: activation checkpointing and torch.compile(fullgraph)."""
     model = make_model(device=device, num_hidden_layers=1)
@@ -206,11 +213,11 @@ def test_gradient_checkpointing_and_compile(device):
     upstream = torch.randn(*input_ids.shape, 256, device=device)
     patch_model(model)
     ref_logits, ref_grads, _ = logits_and_grads(model, input_ids, upstream)
-    model.activation_checkpointing_enable()
+    set_checkpointing(model, True)
     model.train()
     logits, grads, _ = logits_and_grads(model, input_ids, upstream)
     assert torch.equal(logits, ref_logits) and torch.equal(grads, ref_grads)
-    model.activation_checkpointing_disable()
+    set_checkpointing(model, False)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     logits, grads, _ = logits_and_grads(compiled, input_ids, upstream)
     assert_close(logits, ref_logits.double(), torch.float32, name="compiled logits")

@@ -189,6 +189,13 @@ def _save_atomically(obj, path):
     os.replace(tmp, path)
 
 
+def _set_checkpointing(model, enabled):
+    """Activation checkpointing on or off by the name this transformers has: 5.20 renamed
+    ``gradient_checkpointing_enable``/``_disable`` to ``activation_checkpointing_*`` (the old names warn since)."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{kind}_checkpointing_{'enable' if enabled else 'disable'}")()
+
+
 def train_stage(model, stage, cfg, data, out, device, layout=None):
     """Train ``model`` in place for ``stage``; resumes from ``out/checkpoints/<stage>.pt``. Returns a summary.
 
@@ -197,7 +204,7 @@ def train_stage(model, stage, cfg, data, out, device, layout=None):
     """
     checkpoint_path = out / "checkpoints" / f"{stage.name}.pt"
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        _set_checkpointing(model, True)
     trained = model if layout is None else layout.training_model(model)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=stage.lr, betas=(0.9, 0.95),
                                   weight_decay=stage.weight_decay)
@@ -242,7 +249,7 @@ def train_stage(model, stage, cfg, data, out, device, layout=None):
     if layout is not None:
         layout.copy_back(trained, model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _set_checkpointing(model, False)
     seconds = time.perf_counter() - began
     tail = losses[-max(1, len(losses) // 20):]
     summary = {"steps": stage.steps, "sequence_length": stage.seq_len, "batch": batch, "peak_lr": stage.lr,
