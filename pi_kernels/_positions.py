@@ -15,6 +15,11 @@ import torch
 # packed input), 2 = explicit ids.
 POSITIONS_ARANGE, POSITIONS_OFFSETS, POSITIONS_IDS = 0, 1, 2
 
+# Largest position id or offset accepted (int32's). Angles are computed in float64 turns (ops/_rope.py), whose
+# fraction keeps float32 accuracy while m · inv_freq / (2π · scaling_factor) < 2**29, i.e. for every position
+# offset + index < 2**32 at inv_freq ≤ 1; past that the error grows with the position (1e-5 at 2**40), silently.
+MAX_POSITION = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class PositionSpec:

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from ._positions import POSITIONS_ARANGE, POSITIONS_IDS, POSITIONS_OFFSETS, PositionSpec
+from ._positions import MAX_POSITION, POSITIONS_ARANGE, POSITIONS_IDS, POSITIONS_OFFSETS, PositionSpec
 
 LAYOUTS = ("bshd", "bhsd", "sbhd", "thd")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,6 +44,12 @@ def to_bshd(x, layout):
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _one_of(size, *allowed):
+    """``size in allowed`` by equality alone: under ``torch.compile(dynamic=True)`` Dynamo answers ``in`` wrongly for
+    a static size among symbolic ones."""
+    return any(size == n for n in allowed)
 
 
 def check_layout(layout):
@@ -87,6 +93,16 @@ def check_qk(q, k, layout):
     return q4, k4
 
 
+def check_no_grad(op, tensors):
+    """Refuse ``(name, tensor)`` pairs that require grad in an op without a backward, before anything is written."""
+    if not torch.is_grad_enabled():
+        return
+    for name, x in tensors:
+        if x is not None and x.requires_grad:
+            raise RuntimeError(f"{op} has no backward (an inference op), but {name} requires grad: call it under "
+                               f"torch.no_grad() or torch.inference_mode(), or use pi_kernels.rotary_interp to train")
+
+
 def check_head_dim(head_dim, name):
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"{name} must be a positive even number, got {head_dim}")
@@ -101,17 +117,26 @@ def check_rotary_dim(rotary_dim, head_dim):
 
 
 def _is_positive_real(value):
+    """Whether value is a finite real > 0. Under ``torch.compile`` a float argument may be symbolic (``dynamic=True``,
+    or a second value seen), which Python's checks cannot inspect without breaking the graph: the check is then left
+    to the op's implementation, which repeats it on the real value before it writes anything."""
+    if torch.compiler.is_compiling():
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def check_positive_real(value, name, meaning=""):
+    """Refuse a value that is not a finite real > 0 (left to the op's run-time check while compiling)."""
+    if not _is_positive_real(value):
+        raise ValueError(f"{name} must be a finite number > 0{meaning}, got {value!r}")
+
+
 def check_scaling_factor(scaling_factor):
-    if not _is_positive_real(scaling_factor):
-        raise ValueError(f"scaling_factor must be a finite number > 0 (L'/L), got {scaling_factor!r}")
+    check_positive_real(scaling_factor, "scaling_factor", " (L'/L)")
 
 
 def check_base(base):
-    if not _is_positive_real(base):
-        raise ValueError(f"base must be a finite number > 0, got {base!r}")
+    check_positive_real(base, "base")
 
 
 def check_inv_freq(inv_freq, rotary_dim):
@@ -144,18 +169,18 @@ def resolve_positions(positions, batch, seq, device):
     if positions is None:
         return PositionSpec(POSITIONS_ARANGE, None, 0)
     if _is_int(positions):
-        if positions < 0:
-            raise ValueError(f"positions offset must be ≥ 0, got {positions}")
+        if positions < 0 or positions > MAX_POSITION:
+            raise ValueError(f"positions offset must be in [0, 2**31 - 1], got {positions}")
         return PositionSpec(POSITIONS_ARANGE, None, int(positions))
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
     _check_position_tensor(positions, device)
     expected = f"(batch,)=({batch},) offsets, (seq,)=({seq},) ids or (batch or 1, seq)=({batch}, {seq}) ids"
     if positions.dim() == 2:
-        if positions.shape[1] != seq or positions.shape[0] not in (1, batch):
+        if positions.shape[1] != seq or not _one_of(positions.shape[0], 1, batch):
             raise ValueError(f"positions must have shape {expected}, got {tuple(positions.shape)}")
         return PositionSpec(POSITIONS_IDS, positions, 0)
-    if positions.dim() != 1 or positions.shape[0] not in (batch, seq):
+    if positions.dim() != 1 or not _one_of(positions.shape[0], batch, seq):
         raise ValueError(f"positions must have shape {expected}, got {tuple(positions.shape)}")
     if batch == seq and batch > 1:
         raise ValueError(f"positions of shape ({seq},) is ambiguous when batch == seq == {seq}: pass ids as "
@@ -182,7 +207,7 @@ def resolve_varlen_positions(positions, cu_seqlens, max_seqlen, total, device):
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
     _check_position_tensor(positions, device)
-    if positions.dim() != 1 or positions.shape[0] not in (n_seqs, total):
+    if positions.dim() != 1 or not _one_of(positions.shape[0], n_seqs, total):
         raise ValueError(f"positions for layout='thd' must have shape (n_seqs,)=({n_seqs},) offsets or "
                          f"(total_tokens,)=({total},) ids, got {tuple(positions.shape)}")
     # With one token per sequence both readings give the same positions, so ids win without ambiguity.
@@ -221,9 +246,12 @@ def check_values(positions, cu_seqlens, max_seqlen, total_tokens):
     """The synchronizing checks on values; called from custom-op implementations on real tensors."""
     if positions is not None and positions.numel() and value_checks_enabled(positions.device) \
             and not _checked_before(positions):
-        minimum = int(positions.min())
+        minimum, maximum = (int(x) for x in torch.aminmax(positions))
         if minimum < 0:
             raise ValueError(f"positions must be ≥ 0, got a minimum of {minimum}")
+        if maximum > MAX_POSITION:
+            raise ValueError(f"positions must be ≤ 2**31 - 1 (beyond it the angles lose accuracy), got a maximum "
+                             f"of {maximum}")
         _last_checked_positions["entry"] = (weakref.ref(positions), _version_of(positions))
     if cu_seqlens is None or not value_checks_enabled(cu_seqlens.device):
         return

@@ -8,7 +8,8 @@
   ``flash_attn_with_kvcache`` layout) or paged through a slot mapping (vLLM, FlashInfer), in one launch; see
   :func:`slot_mapping_from_block_table` (``ops/kv_cache.py``).
 
-These ops are for inference: they have no autograd formula. Each takes ``backend="auto"|"triton"|"cuda"|"torch"``.
+The rotary ops are differentiable (gradients of in-place calls included); the cache appends are inference-only and
+refuse inputs that require grad. Each takes ``backend="auto"|"triton"|"cuda"|"torch"``.
 """
 
 from .ops.kv_cache import rotary_kv_cache_append, rotary_paged_kv_cache_append, slot_mapping_from_block_table

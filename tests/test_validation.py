@@ -45,3 +45,72 @@ def test_fused_buffer_slices_do_not_overlap():
         _validation.check_no_overlap((("q", q), ("k", qkv[..., 48:80].view(7, 3, 2, 16))))
     with pytest.raises(ValueError, match="k_cache is written in place but shares memory with v"):
         _validation.check_no_overlap((("k_cache", q),), (("v", q[:1]),))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The largest position (issue 18): refused past _positions.MAX_POSITION, float32-accurate up to it
+# --------------------------------------------------------------------------------------------------------------------
+
+HUGE_INT_OFFSET = 2**70  # past int64: once an "Unable to cast" RuntimeError from the op boundary
+
+
+def _calls_with_positions(positions, backend):
+    """Every public op that takes positions, called with ``positions`` (an int offset or an id tensor)."""
+    import pi_kernels
+    from pi_kernels import inference
+
+    q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 1, 8)
+    ids = positions if isinstance(positions, int) else positions.expand(2, 3)
+    flat_ids = ids if isinstance(ids, int) else ids.reshape(-1)
+    calls = {
+        "rotary_interp": lambda: pi_kernels.rotary_interp(q, k, positions, backend=backend),
+        "attention_rotary": lambda: pi_kernels.attention_rotary(q, k, k, positions, backend=backend),
+        "qkv_proj_rotary": lambda: pi_kernels.qkv_proj_rotary(torch.randn(2, 3, 8), torch.randn(32, 8), num_heads=2,
+                                                              num_kv_heads=1, head_dim=8, positions=positions,
+                                                              backend=backend),
+        "rotary_kv_cache_append": lambda: pi_kernels.rotary_kv_cache_append(
+            q, k, k, torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), torch.tensor([0, 1]), positions=positions,
+            backend=backend),
+    }
+    if not isinstance(positions, int):
+        calls["rotary_paged_kv_cache_append"] = lambda: pi_kernels.rotary_paged_kv_cache_append(
+            q[0], k[0], k[0], torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), torch.arange(3), flat_ids[:3],
+            backend=backend)
+        calls["rotary_embedding_interp"] = lambda: inference.rotary_embedding_interp(
+            flat_ids, torch.randn(6, 16), None, 8, backend=backend)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("positions", [HUGE_INT_OFFSET, 2**31, torch.tensor([[0, 5, 2**31]]),
+                                       torch.tensor([[0, 5, 2**62]])], ids=["2**70", "2**31", "ids 2**31", "ids 2**62"])
+def test_positions_past_the_maximum_are_refused(backend, positions):
+    for call in _calls_with_positions(positions, backend).values():
+        with pytest.raises(ValueError, match=r"positions (offset )?must be"):
+            call()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float32_accuracy_up_to_the_maximum_position(backend):
+    """At the largest accepted positions (an id of 2**31 - 1, offset + index just below 2**32) the rotation keeps
+    float32 accuracy, measured against angles reduced in extended precision."""
+    import numpy as np
+
+    import pi_kernels
+    from pi_kernels.scaling import rope_inv_freq
+
+    from .tolerances import assert_close
+
+    head_dim, scaling_factor = 64, 0.9
+    ids = torch.tensor([[2**31 - 1, 2**31 - 2, 2**30 + 12345, 7]])
+    q = torch.randn(1, 4, 3, head_dim)
+    q_out, _ = pi_kernels.rotary_interp(q, q[:, :, :0], ids, scaling_factor=scaling_factor, backend=backend)
+    inv_freq = rope_inv_freq(10000.0, head_dim).double().numpy().astype(np.longdouble)
+    # 64-bit mantissa: m · inv_freq / s to ~2**-32 at m < 2**32, then reduced modulo 2π before the float64 sin/cos.
+    angles = ids.numpy()[0].astype(np.longdouble)[:, None] * inv_freq[None, :] / np.longdouble(scaling_factor)
+    two_pi = 8 * np.arctan(np.longdouble(1))  # π to the 64-bit mantissa, not float64's
+    reduced = torch.from_numpy((angles - np.floor(angles / two_pi) * two_pi).astype(np.float64))
+    cos, sin = reduced.cos()[:, None, :], reduced.sin()[:, None, :]
+    x1, x2 = q.double()[0, :, :, :head_dim // 2], q.double()[0, :, :, head_dim // 2:]
+    ref = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    assert_close(q_out[0], ref, torch.float32, name=f"rotation at positions near 2**31 ({backend})")

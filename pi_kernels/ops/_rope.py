@@ -9,8 +9,9 @@ The rotation of pair ``j`` at position ``m`` uses ``(m / scaling_factor) * inv_f
 ``t = m · inv_freq[j] / (2π s)`` in float64 (one multiply, exact to 1e-16 relative), drops the whole turns
 (``t - trunc(t)``, exact, then into [-1/2, 1/2]), and multiplies the fraction by 2π split into a float32-exact high
 part and a low part, still in float64. The reduced angle, in [-π, π], is rounded to float32 once and fed to float32
-sin/cos, so the result matches the float64 reference to ~1e-7 at any position below 2**52. The float64 work is a
-handful of operations per (token, pair), amortized over every head a program rotates.
+sin/cos, so the result keeps float32 accuracy (~1e-7) at any position below 2**32 (positions and offsets past
+``_positions.MAX_POSITION`` = 2**31 - 1 are refused: further out the error would grow silently). The float64 work
+is a handful of operations per (token, pair), amortized over every head a program rotates.
 """
 
 import math
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validation import check_frequencies
 from ..scaling import rope_inv_freq
 
 # 2π = TWO_PI_HI + TWO_PI_LO with TWO_PI_HI exact in float32, so the constants mean the same whether Triton
@@ -91,7 +93,12 @@ _TURNS_CACHE = {}
 
 
 def turns_table(inv_freq, base, scaling_factor, rotary_dim, device):
-    """Float64 ``inv_freq / (2π · scaling_factor)``, (rotary_dim // 2,); cached per device for the ``base`` form."""
+    """Float64 ``inv_freq / (2π · scaling_factor)``, (rotary_dim // 2,); cached per device for the ``base`` form.
+
+    Every rotating op's implementation builds this table before it launches, so the scalar checks repeated here see
+    the real values even where ``torch.compile`` traced them as symbols (see ``_validation._is_positive_real``).
+    """
+    check_frequencies(scaling_factor, base, inv_freq, None)
     if inv_freq is not None:
         return inv_freq.to(device=device, dtype=torch.float64) / (2.0 * math.pi * scaling_factor)
     key = (float(base), int(rotary_dim), float(scaling_factor), str(device))

@@ -36,7 +36,6 @@ query heads in order).
 """
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -358,6 +357,7 @@ def _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values):
     ``check_values`` (the forward; the backward sees the same tensors)."""
     if core.backend not in _CORE_BACKENDS:
         raise ValueError(f"backend must be one of {sorted(_CORE_BACKENDS)}, got {core.backend!r}")
+    validation.check_positive_real(core.softmax_scale, "softmax_scale")  # symbolic while compiling: checked here
     if cu_seqlens_q is None:
         return None, core._replace(max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1])
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
@@ -471,9 +471,7 @@ def _check_tensors(q, k, v, varlen):
 def _check_softmax_scale(softmax_scale, head_dim):
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool) \
-            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale!r}")
+    validation.check_positive_real(softmax_scale, "softmax_scale")
     return float(softmax_scale)
 
 

@@ -3,8 +3,8 @@
 One Triton kernel, ``_rotary_cache_append_kernel``, rotates q into a new tensor and writes the rotated k and the v of
 the new tokens into a KV cache, contiguous per sequence (flash-attention's ``flash_attn_with_kvcache`` layout) or
 paged through a slot mapping (the layout of vLLM and FlashInfer), in one launch. No autograd formula: these are
-inference ops. Each takes ``backend="auto"|"triton"|"cuda"|"torch"``; the CUDA kernels of
-``csrc/include/kv_cache.cuh`` (see :mod:`pi_kernels._cuda`) and the plain-PyTorch ones of
+inference ops, and refuse inputs that require grad. Each takes ``backend="auto"|"triton"|"cuda"|"torch"``; the CUDA
+kernels of ``csrc/include/kv_cache.cuh`` (see :mod:`pi_kernels._cuda`) and the plain-PyTorch ones of
 :mod:`pi_kernels._torch_backend` have the same semantics. Slots, positions and cache lengths are checked on the
 host before anything is written (see ``_validation.set_value_checks``), and masked again in the kernel, so an
 out-of-range index is never written even with the checks off. The public front is :mod:`pi_kernels.inference`.
@@ -20,6 +20,7 @@ from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
 from .._positions import POSITIONS_IDS, POSITIONS_OFFSETS, PositionSpec, position_pointer_and_strides
 from ._rope import rope_cos_sin, token_positions, turns_table
+from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 from .rotary_embedding import block_sizes, rotate_rows
 
 __all__ = ["KV_LAYOUTS", "LAUNCHERS", "launch_cache_append", "rotary_kv_cache_append", "rotary_paged_kv_cache_append",
@@ -159,6 +160,23 @@ def _check_distinct_slots(slot_mapping):
 LAUNCHERS = {"triton": launch_cache_append, "cuda": _cuda.kv_cache_append, "torch": _torch_backend.kv_cache_append}
 
 
+def _nhd(cache, kv_layout):
+    """The (blocks or batch, block_size or max_len, heads, dim) view of a cache."""
+    return cache if kv_layout == "nhd" else cache.transpose(1, 2)
+
+
+def _check_cache_index(cache_index, paged, cache_rows, new):
+    """The value checks of ``slot_mapping`` (paged; ``cache_rows`` slots) or ``cache_seqlens`` (``new`` tokens per
+    row, ``cache_rows`` = max_len)."""
+    if paged:
+        validation.check_range(cache_index, "slot_mapping", -1, cache_rows,
+                               f"-1 or a slot of num_blocks · block_size = {cache_rows}")
+        _check_distinct_slots(cache_index)
+    else:
+        validation.check_range(cache_index, "cache_seqlens", 0, cache_rows - new + 1,
+                               f"{new} new tokens must fit in the cache's max_len = {cache_rows}")
+
+
 @torch.library.custom_op("pi_kernels::rotary_kv_cache_append", mutates_args=("k_cache", "v_cache"))
 def _cache_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_index: torch.Tensor, positions: torch.Tensor | None,
@@ -166,19 +184,13 @@ def _cache_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      scaling_factor: float, rotary_dim: int, interleaved: bool, paged: bool, kv_layout: str,
                      backend: str) -> torch.Tensor:
     q_out = torch.empty_like(q)
-    k_cache4, v_cache4 = (k_cache, v_cache) if kv_layout == "nhd" else (k_cache.transpose(1, 2),
-                                                                        v_cache.transpose(1, 2))
+    k_cache4, v_cache4 = _nhd(k_cache, kv_layout), _nhd(v_cache, kv_layout)
     if paged:
         q4, k4, v4, q_out4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), q_out.unsqueeze(0)
-        n_slots = k_cache4.shape[0] * k_cache4.shape[1]
-        validation.check_range(cache_index, "slot_mapping", -1, n_slots,
-                               f"-1 or a slot of num_blocks · block_size = {n_slots}")
-        _check_distinct_slots(cache_index)
+        _check_cache_index(cache_index, True, k_cache4.shape[0] * k_cache4.shape[1], 1)
     else:
         q4, k4, v4, q_out4 = q, k, v, q_out
-        max_len, new = k_cache4.shape[1], q.shape[1]
-        validation.check_range(cache_index, "cache_seqlens", 0, max_len - new + 1,
-                     f"{new} new tokens must fit in the cache's max_len = {max_len}")
+        _check_cache_index(cache_index, False, k_cache4.shape[1], q.shape[1])
     validation.check_values(positions, None, None, 0)
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
     spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
@@ -191,11 +203,71 @@ def _cache_append_op_fake(q, *args):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("pi_kernels::rotary_kv_cache_rows", mutates_args=())
+def _cache_rows_op(q: torch.Tensor, k: torch.Tensor, cache_index: torch.Tensor, cache_rows: int,
+                   positions: torch.Tensor | None, position_mode: int, position_offset: int,
+                   inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
+                   interleaved: bool, paged: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The append's checks and rotation without its cache writes: (rotated q, rotated k). ``cache_rows``: the
+    cache's slot count (paged) or max_len."""
+    _check_cache_index(cache_index, paged, cache_rows, 1 if paged else q.shape[1])
+    validation.check_values(positions, None, None, 0)
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
+    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
+    q4, k4, q_out4, k_out4 = (x.unsqueeze(0) if paged else x for x in (q, k, q_out, k_out))
+    ROTARY_LAUNCHERS[backend](q4, k4, q_out4, k_out4, spec, None, turns, rotary_dim, interleaved, False)
+    return q_out, k_out
+
+
+@_cache_rows_op.register_fake
+def _cache_rows_op_fake(q, k, *args):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _append(q, k, v, k_cache, v_cache, cache_index, spec, inv_freq, base, scaling_factor, rotary_dim, interleaved,
+            paged, kv_layout, backend):
+    """Both appends after their checks: one launch of the fused op, except under torch.compile with caches that are
+    views (``kv[:, 0]``): inductor drops the symbolic storage offset of a view that a custom op mutates, so there the
+    op rotates and checks, and indexing writes the caches (a write pattern inductor gets right)."""
+    rotation = (*spec.op_args(), inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    if not (torch.compiler.is_compiling() and (k_cache._base is not None or v_cache._base is not None)):
+        return torch.ops.pi_kernels.rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_index, *rotation, paged,
+                                                           kv_layout, backend)
+    k_cache4, v_cache4 = _nhd(k_cache, kv_layout), _nhd(v_cache, kv_layout)
+    cache_rows = k_cache4.shape[0] * k_cache4.shape[1] if paged else k_cache4.shape[1]
+    q_out, k_out = torch.ops.pi_kernels.rotary_kv_cache_rows(q, k, cache_index, cache_rows, *rotation, paged,
+                                                             backend)
+    if not paged:
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        columns = cache_index[:, None] + torch.arange(q.shape[1], device=q.device)
+        k_cache4.index_put_((rows, columns), k_out)
+        v_cache4.index_put_((rows, columns), v)
+        return q_out
+    if q.shape[0] == 0 or cache_rows == 0:
+        return q_out
+    # A padding token (slot -1) writes nothing, but an index cannot be skipped without a data-dependent shape: it
+    # rewrites what a valid token of the call writes (the same value, so the order of equal writes is moot), or,
+    # with no valid token, slot 0's own contents.
+    valid = cache_index >= 0
+    anchor = torch.argmax(valid.to(torch.int32)).reshape(1)  # a tensor index: no data-dependent Python int
+    anchor_valid = valid.index_select(0, anchor)
+    slots = torch.where(valid, cache_index, torch.where(anchor_valid, cache_index.index_select(0, anchor), 0))
+    block_size = k_cache4.shape[1]
+    index = (slots // block_size, slots % block_size)
+    for cache4, new in ((k_cache4, k_out), (v_cache4, v)):
+        fill = torch.where(anchor_valid[:, None, None], new.index_select(0, anchor), cache4[:1, 0])
+        cache4.index_put_(index, torch.where(valid[:, None, None], new, fill))
+    return q_out
+
+
 def _check_cache_inputs(q, k, v, k_cache, v_cache, token_dims):
     """Checks shared by both cache appends; ``token_dims`` is 2 (batch, new) or 1 (num_tokens)."""
     ndim = token_dims + 2
     tensors = (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache))
     validation.check_tensors(tensors)
+    validation.check_no_grad("rotary_kv_cache_append" if token_dims == 2 else "rotary_paged_kv_cache_append",
+                            tensors)
     for name, x in tensors:
         if x.dim() != (4 if name.endswith("cache") else ndim):
             raise ValueError(f"{name} must be {4 if name.endswith('cache') else ndim}-D, got {tuple(x.shape)}")
@@ -274,9 +346,8 @@ def rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_seqlens, *, position
     else:
         spec = validation.resolve_positions(positions, batch, new, q.device)
     backend = _backend.resolve_backend(backend, q.device)
-    return torch.ops.pi_kernels.rotary_kv_cache_append(
-        q, k, v, k_cache, v_cache, cache_seqlens, spec.ids, spec.mode, spec.offset, inv_freq, float(base),
-        float(scaling_factor), rotary_dim, bool(interleaved), False, "nhd", backend)
+    return _append(q, k, v, k_cache, v_cache, cache_seqlens, spec, inv_freq, base, scaling_factor, rotary_dim,
+                   interleaved, False, "nhd", backend)
 
 
 def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positions, *, scaling_factor=1.0,
@@ -336,9 +407,8 @@ def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positi
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     backend = _backend.resolve_backend(backend, q.device)
-    return torch.ops.pi_kernels.rotary_kv_cache_append(
-        q, k, v, k_cache, v_cache, slot_mapping, positions, POSITIONS_IDS, 0, inv_freq, float(base),
-        float(scaling_factor), rotary_dim, bool(interleaved), True, kv_layout, backend)
+    return _append(q, k, v, k_cache, v_cache, slot_mapping, PositionSpec(POSITIONS_IDS, positions), inv_freq, base,
+                   scaling_factor, rotary_dim, interleaved, True, kv_layout, backend)
 
 
 def slot_mapping_from_block_table(block_table, block_size, cache_positions, seq_ids=None):

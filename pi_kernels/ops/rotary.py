@@ -5,7 +5,7 @@ computed in the kernel from the positions, once per (token, pair), and reused fo
 by the program, so no cos/sin cache is read.
 
 The angle computation (float64 turns, exact range reduction, float32 sin/cos) lives in ``_rope.py`` with its
-rationale; it matches the float64 reference to ~1e-7 at positions up to 2**52.
+rationale; it keeps float32 accuracy (~1e-7) at every accepted position (below 2**32).
 """
 
 import functools
@@ -342,11 +342,31 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     if inplace:
         v.check_no_overlap((("q", q), ("k", k)))
     args = (*spec.op_args(), cu_seqlens, max_seqlen, inv_freq, base, scaling_factor, rotary_dim, bool(interleaved),
-            layout, bool(inplace), False, backend)
-    if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) \
-            and (q._base is not None or k._base is not None):
-        return RotaryInterpFunction.apply(q, None, *args), RotaryInterpFunction.apply(k, None, *args)
-    return RotaryInterpFunction.apply(q, k, *args)
+            layout)
+    if not inplace:
+        return RotaryInterpFunction.apply(q, k, *args, False, False, backend)
+    return _rotate_in_place(q, k, args, backend)
+
+
+def _rotate_in_place(q, k, args, backend):
+    """rotary_interp(inplace=True) after its checks; ``args`` are RotaryInterpFunction's from positions to layout."""
+    if torch.compiler.is_compiling():
+        # Out of place, then copied back: under AOTAutograd a Function that marks a view dirty gets a backward that
+        # ignores the rotation, and inductor drops the symbolic storage offset of a view a custom op mutates (wrong
+        # forward after a dynamic-shape recompile). copy_ into a view is a pattern functionalization, autograd and
+        # inductor all handle.
+        q_out, k_out = RotaryInterpFunction.apply(q, k, *args, False, False, backend)
+        q.copy_(q_out)
+        k.copy_(k_out)
+    elif not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        rotary_forward(q, k, *args, True, False, backend)  # the mutating op: one launch
+    elif q._base is not None or k._base is not None:
+        # Eager autograd: one Function per tensor, PyTorch's rule for in-place Functions on views.
+        RotaryInterpFunction.apply(q, None, *args, True, False, backend)
+        RotaryInterpFunction.apply(k, None, *args, True, False, backend)
+    else:
+        RotaryInterpFunction.apply(q, k, *args, True, False, backend)
+    return q, k
 
 
 class RotaryInterp(torch.nn.Module):

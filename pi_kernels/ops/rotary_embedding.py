@@ -2,7 +2,8 @@
 
 One Triton kernel, ``_rotary_embedding_kernel``, rotates query and key in place on vLLM's flat
 ``(num_tokens, heads · head_size)`` tensors in one launch, reading cos/sin from a ``cos_sin_cache`` or computing the
-interpolated angles like :func:`pi_kernels.rotary_interp`. No autograd formula: these are inference ops. Each takes
+interpolated angles like :func:`pi_kernels.rotary_interp`. On tensors that require grad they rotate copies and copy them
+back (``RotaryEmbeddingFunction``), so gradients are right, also under ``torch.compile``. Each takes
 ``backend="auto"|"triton"|"cuda"|"torch"``; the CUDA kernels of ``csrc/`` (see :mod:`pi_kernels._cuda`) and the
 plain-PyTorch ones of :mod:`pi_kernels._torch_backend` have the same semantics. The public front is
 :mod:`pi_kernels.inference`. ``rotate_rows`` and ``block_sizes`` are shared with the KV-cache append
@@ -17,9 +18,11 @@ import triton.language as tl
 
 from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
+from ..scaling import rope_inv_freq
 from ._rope import rope_cos_sin, token_positions, turns_table
 
-__all__ = ["LAUNCHERS", "launch_rotary_embedding", "rotary_embedding", "rotary_embedding_interp"]
+__all__ = ["LAUNCHERS", "RotaryEmbeddingFunction", "launch_rotary_embedding", "rotary_embedding",
+           "rotary_embedding_interp"]
 
 
 @triton.jit
@@ -193,6 +196,54 @@ def _rotary_embedding_op_fake(*args):
     return None
 
 
+class RotaryEmbeddingFunction(torch.autograd.Function):
+    """Autograd for the in-place vLLM-convention ops on tensors that require grad: the forward returns rotated copies
+    (the caller copies them back, so autograd sees the mutation, views included), the backward rotates the gradients
+    by −angle with the same op. Outputs are (query, key or None)."""
+
+    @staticmethod
+    def forward(ctx, positions, query, key, head_size, cos_sin_cache, inv_freq, base, scaling_factor, rotary_dim,
+                is_neox, backend):
+        query, key = query.clone(), None if key is None else key.clone()
+        torch.ops.pi_kernels.rotary_embedding(positions, query, key, head_size, cos_sin_cache, inv_freq, base,
+                                              scaling_factor, rotary_dim, is_neox, backend)
+        ctx.save_for_backward(positions, cos_sin_cache, inv_freq)
+        ctx.settings = (head_size, base, scaling_factor, rotary_dim, is_neox, backend)
+        return query, key
+
+    @staticmethod
+    def backward(ctx, grad_query, grad_key):
+        positions, cos_sin_cache, inv_freq = ctx.saved_tensors
+        head_size, base, scaling_factor, rotary_dim, is_neox, backend = ctx.settings
+        if cos_sin_cache is not None:
+            # The conjugate rotation of each token: its cache row with sin negated, read at the token's own index.
+            rows = cos_sin_cache[positions.reshape(-1)]
+            cos_sin_cache = torch.cat((rows[:, :rotary_dim // 2], -rows[:, rotary_dim // 2:rotary_dim]), dim=1)
+            positions = torch.arange(positions.numel(), device=positions.device).view(positions.shape)
+        else:
+            # Rotation by −angle: negated frequencies (cos is even and sin odd, also after the range reduction).
+            inv_freq = -(rope_inv_freq(base, rotary_dim, device=positions.device) if inv_freq is None else inv_freq)
+        # Through apply again, so the backward is itself differentiable.
+        grad_query, grad_key = RotaryEmbeddingFunction.apply(positions, grad_query, grad_key, head_size,
+                                                             cos_sin_cache, inv_freq, base, scaling_factor,
+                                                             rotary_dim, is_neox, backend)
+        return None, grad_query, grad_key, *([None] * 8)
+
+
+def _rotate(positions, query, key, *settings):
+    """Both public ops after their checks: ``settings`` are the custom op's arguments after ``key``."""
+    # Under torch.compile always out of place, then copied back: inductor drops the symbolic storage offset of a view
+    # that a custom op mutates (see rotary.py's _rotate_in_place).
+    if torch.compiler.is_compiling() or \
+            (torch.is_grad_enabled() and (query.requires_grad or (key is not None and key.requires_grad))):
+        query_out, key_out = RotaryEmbeddingFunction.apply(positions, query, key, *settings)
+        query.copy_(query_out)
+        if key is not None:
+            key.copy_(key_out)
+    else:
+        torch.ops.pi_kernels.rotary_embedding(positions, query, key, *settings)
+
+
 def _check_vllm_inputs(positions, query, key, head_size):
     """Shape, dtype and device checks of vLLM's calling convention."""
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
@@ -264,9 +315,10 @@ def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox=Tr
         raise TypeError(f"cos_sin_cache.dtype must be query's ({query.dtype}) or float32, got {cos_sin_cache.dtype}")
     if cos_sin_cache.device != query.device:
         raise ValueError(f"cos_sin_cache is on {cos_sin_cache.device} but query is on {query.device}")
+    if cos_sin_cache.requires_grad and torch.is_grad_enabled():
+        raise ValueError("cos_sin_cache requires grad, but no gradient flows to it; pass cos_sin_cache.detach()")
     backend = _backend.resolve_backend(backend, query.device)
-    torch.ops.pi_kernels.rotary_embedding(positions, query, key, int(head_size), cos_sin_cache, None, 0.0, 1.0,
-                                          rot_dim, bool(is_neox), backend)
+    _rotate(positions, query, key, int(head_size), cos_sin_cache, None, 0.0, 1.0, rot_dim, bool(is_neox), backend)
 
 
 def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None, scaling_factor=1.0,
@@ -303,5 +355,5 @@ def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_size)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     backend = _backend.resolve_backend(backend, query.device)
-    torch.ops.pi_kernels.rotary_embedding(positions, query, key, int(head_size), None, inv_freq, float(base),
-                                          float(scaling_factor), rotary_dim, bool(is_neox), backend)
+    _rotate(positions, query, key, int(head_size), None, inv_freq, float(base), float(scaling_factor), rotary_dim,
+            bool(is_neox), backend)
