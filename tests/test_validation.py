@@ -54,12 +54,14 @@ def test_fused_buffer_slices_do_not_overlap():
 HUGE_INT_OFFSET = 2**70  # past int64: once an "Unable to cast" RuntimeError from the op boundary
 
 
-def _calls_with_positions(positions, backend):
+def _calls_with_positions(positions, backend, device):
     """Every public op that takes positions, called with ``positions`` (an int offset or an id tensor)."""
     import pi_kernels
     from pi_kernels import inference
 
+    torch.set_default_device(device)
     q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 1, 8)
+    positions = positions if isinstance(positions, int) else positions.to(device)
     ids = positions if isinstance(positions, int) else positions.expand(2, 3)
     flat_ids = ids if isinstance(ids, int) else ids.reshape(-1)
     calls = {
@@ -84,14 +86,17 @@ def _calls_with_positions(positions, backend):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("positions", [HUGE_INT_OFFSET, 2**31, torch.tensor([[0, 5, 2**31]]),
                                        torch.tensor([[0, 5, 2**62]])], ids=["2**70", "2**31", "ids 2**31", "ids 2**62"])
-def test_positions_past_the_maximum_are_refused(backend, positions):
-    for call in _calls_with_positions(positions, backend).values():
-        with pytest.raises(ValueError, match=r"positions (offset )?must be"):
-            call()
+def test_positions_past_the_maximum_are_refused(device, backend, positions):
+    try:
+        for call in _calls_with_positions(positions, backend, device).values():
+            with pytest.raises(ValueError, match=r"positions (offset )?must be"):
+                call()
+    finally:
+        torch.set_default_device(None)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_float32_accuracy_up_to_the_maximum_position(backend):
+def test_float32_accuracy_up_to_the_maximum_position(device, backend):
     """At the largest accepted positions (an id of 2**31 - 1, offset + index just below 2**32) the rotation keeps
     float32 accuracy, measured against angles reduced in extended precision."""
     import numpy as np
@@ -104,7 +109,8 @@ def test_float32_accuracy_up_to_the_maximum_position(backend):
     head_dim, scaling_factor = 64, 0.9
     ids = torch.tensor([[2**31 - 1, 2**31 - 2, 2**30 + 12345, 7]])
     q = torch.randn(1, 4, 3, head_dim)
-    q_out, _ = pi_kernels.rotary_interp(q, q[:, :, :0], ids, scaling_factor=scaling_factor, backend=backend)
+    q_out, _ = pi_kernels.rotary_interp(q.to(device), q[:, :, :0].to(device), ids.to(device),
+                                        scaling_factor=scaling_factor, backend=backend)
     inv_freq = rope_inv_freq(10000.0, head_dim).double().numpy().astype(np.longdouble)
     # 64-bit mantissa: m · inv_freq / s to ~2**-32 at m < 2**32, then reduced modulo 2π before the float64 sin/cos.
     angles = ids.numpy()[0].astype(np.longdouble)[:, None] * inv_freq[None, :] / np.longdouble(scaling_factor)
@@ -113,4 +119,4 @@ def test_float32_accuracy_up_to_the_maximum_position(backend):
     cos, sin = reduced.cos()[:, None, :], reduced.sin()[:, None, :]
     x1, x2 = q.double()[0, :, :, :head_dim // 2], q.double()[0, :, :, head_dim // 2:]
     ref = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    assert_close(q_out[0], ref, torch.float32, name=f"rotation at positions near 2**31 ({backend})")
+    assert_close(q_out[0].cpu(), ref, torch.float32, name=f"rotation at positions near 2**31 ({backend})")
