@@ -129,6 +129,28 @@ def test_inplace_on_views_under_autograd(device, backend, entry, source):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_graph_break_before_inplace_call(device, backend):
+    """Issue 17, case 3 without fullgraph: a graph break before an in-place call on views, with another scaling
+    factor each call (once a Dynamo crash or "marked as dirty ... not returned")."""
+
+    def step(x, scaling_factor):
+        qkv = x * 1.0
+        torch._dynamo.graph_break()
+        return rotate_fused("rotary_interp", qkv, None, scaling_factor, None)
+
+    compiled = torch.compile(step, backend=backend)
+    generator = torch.Generator(device=device).manual_seed(5)
+    for scaling_factor in (2.0, 3.0, 4.0):
+        x, _, grad = fused_inputs("rotary_interp", 2, 8, device, generator)
+        x.requires_grad_()
+        eager = step(x, scaling_factor)
+        out = compiled(x, scaling_factor)
+        assert_close(out, eager, F32, name=f"output, scaling_factor={scaling_factor}")
+        assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(eager, x, grad)[0], F32,
+                     name=f"gradient, scaling_factor={scaling_factor}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_without_grad_across_recompiles(device, backend):
     """In-place calls with autograd off take the mutating op (one launch), which must stay right when compiled."""
     cache = cos_sin_cache(3000, HEAD_DIM, device)
