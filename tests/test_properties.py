@@ -238,12 +238,13 @@ def test_rotary_interp_errors_leave_tensors_unchanged(device, case, fault):
 
 @st.composite
 def qkv_cases(draw):
-    n_heads = draw(st.integers(1, 4))
+    n_kv_heads = draw(st.integers(1, 4))
+    n_heads = n_kv_heads * draw(st.integers(1, 4 // n_kv_heads))  # whole groups of query heads per kv head
     head_dim = draw(st.sampled_from([2, 8, 16, 34]))
     return dict(
         dtype=draw(st.sampled_from(DTYPES)), batch=draw(st.integers(1, 2)), seq=draw(st.integers(1, 9)),
         packed=draw(st.booleans()), seqlens=draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)),
-        hidden=draw(st.sampled_from([8, 24, 40])), n_heads=n_heads, n_kv_heads=draw(st.integers(1, n_heads)),
+        hidden=draw(st.sampled_from([8, 24, 40])), n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=head_dim, rotary_dim=draw(st.one_of(st.none(), st.integers(1, head_dim // 2).map(lambda n: 2 * n))),
         interleaved=draw(st.booleans()), weights=draw(st.sampled_from(["fused", "qkv", "qk"])),
         bias=draw(st.booleans()), x_storage=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
