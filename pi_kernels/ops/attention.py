@@ -236,13 +236,47 @@ def _blocks(kernel, head_dim, element_size, device):
     return table[kernel]
 
 
-def _constexprs(head_dim, dtype, blocks, causal, varlen):
+def _constexprs(head_dim, dtype, blocks, causal, varlen, use_desc):
     interpret = _interpreting()
     return dict(
         HEAD_DIM=head_dim, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=_block_d(head_dim), CAUSAL=causal,
         IS_VARLEN=varlen, INTERPRET=interpret, DOT_DTYPE=tl.float32 if interpret else _TRITON_DTYPES[dtype],
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        USE_DESC=use_desc, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
+
+
+def _descriptor_alignment(x4, strides):
+    """Whether a tensor descriptor can address the (batch, seq, heads, dim) view ``x4`` with the kernel's element
+    ``strides``: features contiguous, the base and every other stride a multiple of 16 bytes (TMA's rules; a head
+    of a sequence then starts 16-byte aligned too)."""
+    size = x4.element_size()
+    return (strides[3] == 1 and x4.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in strides[:3]))
+
+
+def _use_descriptors(device, *views):
+    """USE_DESC of the attention kernels for these ``(x4, strides)`` views: tensor descriptors (TMA loads and
+    stores) on sm_90 and later, and under the interpreter so that its tests run the same loads; pointer loads before
+    sm_90 and, anywhere, for a view the descriptors cannot address (any strides are accepted: the fallback)."""
+    if not hasattr(tl, "make_tensor_descriptor"):  # Triton before 3.4
+        return False
+    if not _interpreting() and _device_arch(device) < 90:
+        return False
+    return all(_descriptor_alignment(x4, strides) for x4, strides in views)
+
+
+def _scratch(size, alignment, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_scratch_allocator():
+    """Descriptors made inside a kernel are written to global scratch memory that Triton asks its allocator for;
+    set one (torch's caching allocator) unless the caller has set their own. Triton keeps it in a ContextVar, so
+    each thread that launches sets it once."""
+    from triton.runtime import _allocation
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _block_d(head_dim):
@@ -287,10 +321,13 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core):
     grid = (n_q_blocks * n_seqs * n_heads,)
     if grid[0] == 0:
         return out, lse
+    use_desc = _use_descriptors(q.device, (q4, q_strides), (k4, k_strides), (v4, v_strides), (out4, out_strides))
+    if use_desc and not _interpreting():
+        _ensure_scratch_allocator()
     _attention_forward_kernel[grid](
         q4, k4, v4, out4, lse, *cu_seqlens, seq_q, seq_k, n_q_blocks, n_heads, n_heads // k4.shape[2],
         core.softmax_scale * LOG2E.value, *q_strides, *k_strides, *v_strides, *out_strides,
-        *_lse_strides(lse, varlen), **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen),
+        *_lse_strides(lse, varlen), **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen, use_desc),
     )
     return out, lse
 
@@ -324,6 +361,10 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             num_warps=4,
         )
     scales = (core.softmax_scale * LOG2E.value, core.softmax_scale)
+    use_desc = _use_descriptors(q.device, (q4, q_strides), (k4, k_strides), (v4, v_strides), (dout4, dout_strides),
+                                (dq4, dq_strides), (dk4, dk_strides), (dv4, dv_strides))
+    if use_desc and not interpret:
+        _ensure_scratch_allocator()
     blocks = _blocks("dkdv", head_dim, q.element_size(), q.device)
     n_k_blocks = triton.cdiv(core.max_seqlen_k, blocks.block_n)
     # Past head_dim 64 the dk and dv accumulators of a 128-key tile fill the registers: one launch computes dv, a
@@ -334,7 +375,7 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             q4, k4, v4, dout4, lse, delta, dk4, dv4, *cu_seqlens, seq_q, seq_k, n_k_blocks, n_kv_heads,
             n_heads // n_kv_heads, *scales, *q_strides, *k_strides, *v_strides, *dout_strides, *dk_strides,
             *dv_strides, *lse_strides, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
-            **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen),
+            **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen, use_desc),
         )
     blocks = _blocks("dq", head_dim, q.element_size(), q.device)
     n_q_blocks = triton.cdiv(core.max_seqlen_q, blocks.block_m)
@@ -342,7 +383,7 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         _attention_backward_dq_kernel[(n_q_blocks * n_seqs * n_heads,)](
             q4, k4, v4, dout4, lse, delta, dq4, *cu_seqlens, seq_q, seq_k, n_q_blocks, n_heads,
             n_heads // n_kv_heads, *scales, *q_strides, *k_strides, *v_strides, *dout_strides, *dq_strides,
-            *lse_strides, **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen),
+            *lse_strides, **_constexprs(head_dim, q.dtype, blocks, core.causal, varlen, use_desc),
         )
     return dq, dk, dv
 

@@ -59,36 +59,64 @@ def _query_block_program(n_q_blocks, n_heads, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _load_block(x_ptr, n_rows, stride_s, stride_d, row0, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """Rows row0 .. row0 + ROWS - 1 of the (n_rows, HEAD_DIM) matrix at x_ptr (one head of one sequence), (ROWS,
-    BLOCK_D) in its dtype; zero past the matrix. MASK_ROWS False: the rows are known to be inside it.
+def _rows(x_ptr, n_rows, stride_s, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+          USE_DESC: tl.constexpr):
+    """The (n_rows, HEAD_DIM) matrix at x_ptr (one head of one sequence) as ``_load_block``/``_store_block`` read it:
+    a tensor descriptor of (ROWS, BLOCK_D) tiles when USE_DESC (TMA on sm_90: the launcher has checked a 16-byte
+    aligned base, 16-byte row strides and contiguous features), else the pointer itself.
 
-    A block pointer keeps only scalars live between loads (no per-row offsets held in registers across a loop)."""
-    block = tl.make_block_ptr(x_ptr, (n_rows, HEAD_DIM), (stride_s, stride_d), (row0, 0), (ROWS, BLOCK_D), (1, 0))
-    if MASK_ROWS:
-        return tl.load(block, boundary_check=(0, 1), padding_option="zero")
-    elif HEAD_DIM == BLOCK_D:
-        return tl.load(block)
+    Made once per matrix, outside the loops: a descriptor made in the kernel is written to global scratch memory."""
+    if USE_DESC:
+        return tl.make_tensor_descriptor(x_ptr, [n_rows, HEAD_DIM], [stride_s, 1], [ROWS, BLOCK_D])
     else:
-        return tl.load(block, boundary_check=(1,), padding_option="zero")
+        return x_ptr
 
 
 @triton.jit
-def _store_block(x_ptr, n_rows, stride_s, stride_d, row0, x, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """Write float32 rows row0.. of a (n_rows, HEAD_DIM) matrix at x_ptr in its dtype, clipped to the matrix."""
-    block = tl.make_block_ptr(x_ptr, (n_rows, HEAD_DIM), (stride_s, stride_d), (row0, 0), (ROWS, BLOCK_D), (1, 0))
-    tl.store(block, x.to(x_ptr.dtype.element_ty), boundary_check=(0, 1))
+def _load_block(rows_src, n_rows, stride_s, stride_d, row0, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, USE_DESC: tl.constexpr):
+    """Rows row0 .. row0 + ROWS - 1 of the (n_rows, HEAD_DIM) matrix ``rows_src`` (see ``_rows``), (ROWS, BLOCK_D)
+    in its dtype; zero past the matrix. MASK_ROWS False: the rows are known to be inside it.
+
+    A descriptor's load is one TMA copy into shared memory (zeros past the matrix come from the copy engine), with
+    only scalars live between loads; the pointer path masks."""
+    if USE_DESC:
+        return rows_src.load([row0, 0])
+    else:
+        cols = tl.arange(0, BLOCK_D)
+        offsets = tl.arange(0, ROWS)
+        # Row offsets past row0 stay in int32 (at most ROWS · stride_s); row0's own offset is 64-bit.
+        ptrs = rows_src + tl.cast(row0, tl.int64) * stride_s + offsets[:, None] * stride_s + cols[None, :] * stride_d
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=((row0 + offsets) < n_rows)[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit
-def _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+def _store_block(rows_dst, n_rows, stride_s, stride_d, row0, x, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_D: tl.constexpr, USE_DESC: tl.constexpr):
+    """Write float32 rows row0.. of the (n_rows, HEAD_DIM) matrix ``rows_dst`` (see ``_rows``) in its dtype, clipped
+    to the matrix: never a row of another sequence of a packed batch."""
+    if USE_DESC:
+        rows_dst.store([row0, 0], x.to(rows_dst.dtype))
+    else:
+        cols = tl.arange(0, BLOCK_D)
+        offsets = tl.arange(0, ROWS)
+        ptrs = rows_dst + tl.cast(row0, tl.int64) * stride_s + offsets[:, None] * stride_s + cols[None, :] * stride_d
+        tl.store(ptrs, x.to(rows_dst.dtype.element_ty),
+                 mask=((row0 + offsets) < n_rows)[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_rows, v_rows,
                    stride_ks, stride_kd, stride_vs, stride_vd,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                   CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_DESC: tl.constexpr):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i); scores are in log2 units."""
-    k = _load_block(k_head, len_k, stride_ks, stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK)
+    k = _load_block(k_rows, len_k, stride_ks, stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK, USE_DESC)
     qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))
     if MASK:
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -102,7 +130,7 @@ def _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_head, v_
     p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_block(v_head, len_k, stride_vs, stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK)
+    v = _load_block(v_rows, len_k, stride_vs, stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK, USE_DESC)
     acc = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None])
     return acc, m_ij, l_i
 
@@ -136,6 +164,7 @@ def _attention_forward_kernel(
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     INTERPRET: tl.constexpr,        # Triton's interpreter runs the kernel (see _loop_bound)
     DOT_DTYPE: tl.constexpr,        # dot operand type: the input's; float32 under the interpreter (16-bit dots break)
+    USE_DESC: tl.constexpr,         # q, k, v, out through tensor descriptors (TMA on sm_90; see _rows)
 ):
     # Grid: (n_q_blocks · sequences · heads,). One program owns BLOCK_M queries of one head and walks the keys.
     block, seq_idx, head = _query_block_program(n_q_blocks, n_heads, CAUSAL)
@@ -149,29 +178,33 @@ def _attention_forward_kernel(
     head64 = head.to(tl.int64)
     kv_head = (head // group_size).to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
-    q = _load_block(q_ptr + seq64 * stride_qb + q_start * stride_qs + head64 * stride_qh, len_q, stride_qs,
-                    stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
+    q_rows = _rows(q_ptr + seq64 * stride_qb + q_start * stride_qs + head64 * stride_qh, len_q, stride_qs, HEAD_DIM,
+                   BLOCK_M, BLOCK_D, USE_DESC)
+    q = _load_block(q_rows, len_q, stride_qs, stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True, USE_DESC).to(DOT_DTYPE)
 
     full_hi, hi = _causal_key_bounds(m0, len_k, diff, BLOCK_M, BLOCK_N, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_head = k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh
-    v_head = v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh
+    k_rows = _rows(k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh, len_k, stride_ks, HEAD_DIM,
+                   BLOCK_N, BLOCK_D, USE_DESC)
+    v_rows = _rows(v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh, len_k, stride_vs, HEAD_DIM,
+                   BLOCK_N, BLOCK_D, USE_DESC)
     for n0 in range(0, _loop_bound(full_hi, INTERPRET), BLOCK_N):
-        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_rows, v_rows,
                                        stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL,
-                                       False, DOT_DTYPE)
+                                       False, DOT_DTYPE, USE_DESC)
     for n0 in range(_loop_bound(full_hi, INTERPRET), _loop_bound(hi, INTERPRET), BLOCK_N):
-        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, rows, n0, len_k, diff, qk_scale, k_rows, v_rows,
                                        stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL,
-                                       True, DOT_DTYPE)
+                                       True, DOT_DTYPE, USE_DESC)
 
     # A query that sees no key (causal with seq_q > seq_k, or seq_k = 0) gets output 0 and lse -inf.
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    _store_block(out_ptr + seq64 * stride_ob + q_start * stride_os + head64 * stride_oh, len_q, stride_os, stride_od,
-                 m0, out, HEAD_DIM, BLOCK_M, BLOCK_D)
+    out_rows = _rows(out_ptr + seq64 * stride_ob + q_start * stride_os + head64 * stride_oh, len_q, stride_os,
+                     HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
+    _store_block(out_rows, len_q, stride_os, stride_od, m0, out, HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(lse_ptr + seq64 * stride_lb + head64 * stride_lh + q_start + rows, lse, mask=rows < len_q)
 
@@ -195,9 +228,9 @@ def _attention_backward_delta_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     seq64 = seq_idx.to(tl.int64)
     out = _load_block(out_ptr + seq64 * stride_ob + q_start * stride_os + head * stride_oh, len_q, stride_os,
-                      stride_od, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+                      stride_od, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True, False)
     dout = _load_block(dout_ptr + seq64 * stride_db + q_start * stride_ds + head * stride_dh, len_q, stride_ds,
-                       stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+                       stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True, False)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
     tl.store(delta_ptr + seq64 * stride_lb + head * stride_lh + q_start + rows, delta, mask=rows < len_q)
 
@@ -214,17 +247,17 @@ def _load_softmax_stats(lse_ptr, delta_ptr, rows, len_q):
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_head, dout_head, lse_head, delta_head,
+def _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_rows, dout_rows, lse_head, delta_head,
                 stride_qs, stride_qd, stride_ds, stride_dd,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_DESC: tl.constexpr):
     """Add one query block's contribution to a key block's dk and/or dv, on transposed scores (keys, queries).
 
     Rows past the last query load as zeros and get lse +inf, hence p = 0. CAUSAL_MASK: some of the block's queries
     see only part of the key block."""
     rows = m0 + tl.arange(0, BLOCK_M)
-    q = _load_block(q_head, len_q, stride_qs, stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
-    dout = _load_block(dout_head, len_q, stride_ds, stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    q = _load_block(q_rows, len_q, stride_qs, stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True, USE_DESC).to(DOT_DTYPE)
+    dout = _load_block(dout_rows, len_q, stride_ds, stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True, USE_DESC)
     lse2, delta = _load_softmax_stats(lse_head, delta_head, rows, len_q)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
     if CAUSAL_MASK:
@@ -233,7 +266,7 @@ def _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_head, dout_head
         dv = tl.dot(p_t.to(dout.dtype).to(DOT_DTYPE), dout.to(DOT_DTYPE), dv)
     if COMPUTE_DK:
         dp_t = tl.dot(v, tl.trans(dout.to(DOT_DTYPE)))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_head.dtype.element_ty).to(DOT_DTYPE)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dout.dtype).to(DOT_DTYPE)
         dk = tl.dot(ds_t, q, dk)
     return dk, dv
 
@@ -257,6 +290,7 @@ def _attention_backward_dkdv_kernel(
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,  # which of dk and dv this launch computes (see _blocks)
     INTERPRET: tl.constexpr,        # Triton's interpreter runs the kernel (see _loop_bound)
     DOT_DTYPE: tl.constexpr,        # dot operand type: the input's; float32 under the interpreter (16-bit dots break)
+    USE_DESC: tl.constexpr,         # every q, k, v, dout, dk, dv tile through tensor descriptors (see _rows)
 ):
     # Grid: (n_k_blocks · sequences · KV heads,). One program owns BLOCK_N keys of one KV head and walks the
     # queries of every query head that reads it, so dk and dv are summed in registers without atomics.
@@ -271,10 +305,12 @@ def _attention_backward_dkdv_kernel(
     diff = len_k - len_q
     seq64 = seq_idx.to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
-    k = _load_block(k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh, len_k, stride_ks,
-                    stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, True).to(DOT_DTYPE)
-    v = _load_block(v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh, len_k, stride_vs,
-                    stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, True).to(DOT_DTYPE)
+    k_rows = _rows(k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh, len_k, stride_ks, HEAD_DIM,
+                   BLOCK_N, BLOCK_D, USE_DESC)
+    v_rows = _rows(v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh, len_k, stride_vs, HEAD_DIM,
+                   BLOCK_N, BLOCK_D, USE_DESC)
+    k = _load_block(k_rows, len_k, stride_ks, stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, True, USE_DESC).to(DOT_DTYPE)
+    v = _load_block(v_rows, len_k, stride_vs, stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, True, USE_DESC).to(DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -283,31 +319,37 @@ def _attention_backward_dkdv_kernel(
     lo = tl.minimum(tl.maximum(n0 - diff, 0), len_q) // BLOCK_M * BLOCK_M if CAUSAL else 0
     for g in range(0, _loop_bound(group_size, INTERPRET)):
         head = kv_head * group_size + g
-        q_head = q_ptr + seq64 * stride_qb + q_start * stride_qs + head * stride_qh
-        dout_head = dout_ptr + seq64 * stride_db + q_start * stride_ds + head * stride_dh
+        q_rows = _rows(q_ptr + seq64 * stride_qb + q_start * stride_qs + head * stride_qh, len_q, stride_qs, HEAD_DIM,
+                       BLOCK_M, BLOCK_D, USE_DESC)
+        dout_rows = _rows(dout_ptr + seq64 * stride_db + q_start * stride_ds + head * stride_dh, len_q, stride_ds,
+                          HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
         lse_head = lse_ptr + seq64 * stride_lb + head * stride_lh + q_start
         delta_head = delta_ptr + seq64 * stride_lb + head * stride_lh + q_start
         for m0 in range(_loop_bound(lo, INTERPRET), _loop_bound(len_q, INTERPRET), BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_head, dout_head, lse_head,
+            dk, dv = _dkdv_block(dk, dv, k, v, cols, m0, len_q, diff, qk_scale, q_rows, dout_rows, lse_head,
                                  delta_head, stride_qs, stride_qd, stride_ds, stride_dd, HEAD_DIM, BLOCK_M, BLOCK_D,
-                                 CAUSAL, COMPUTE_DK, COMPUTE_DV, DOT_DTYPE)
+                                 CAUSAL, COMPUTE_DK, COMPUTE_DV, DOT_DTYPE, USE_DESC)
 
     if COMPUTE_DK:
-        _store_block(dk_ptr + seq64 * stride_dkb + k_start * stride_dks + kv_head * stride_dkh, len_k, stride_dks,
-                     stride_dkd, n0, dk * softmax_scale, HEAD_DIM, BLOCK_N, BLOCK_D)
+        dk_rows = _rows(dk_ptr + seq64 * stride_dkb + k_start * stride_dks + kv_head * stride_dkh, len_k, stride_dks,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
+        _store_block(dk_rows, len_k, stride_dks, stride_dkd, n0, dk * softmax_scale, HEAD_DIM, BLOCK_N, BLOCK_D,
+                     USE_DESC)
     if COMPUTE_DV:
-        _store_block(dv_ptr + seq64 * stride_dvb + k_start * stride_dvs + kv_head * stride_dvh, len_k, stride_dvs,
-                     stride_dvd, n0, dv, HEAD_DIM, BLOCK_N, BLOCK_D)
+        dv_rows = _rows(dv_ptr + seq64 * stride_dvb + k_start * stride_dvs + kv_head * stride_dvh, len_k, stride_dvs,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
+        _store_block(dv_rows, len_k, stride_dvs, stride_dvd, n0, dv, HEAD_DIM, BLOCK_N, BLOCK_D, USE_DESC)
 
 
 @triton.jit
-def _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_head, v_head,
+def _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_rows, v_rows,
               stride_ks, stride_kd, stride_vs, stride_vd,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+              CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_DESC: tl.constexpr):
     """Add one key block's contribution to a query block's dq."""
-    k = _load_block(k_head, len_k, stride_ks, stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK).to(DOT_DTYPE)
-    v = _load_block(v_head, len_k, stride_vs, stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK).to(DOT_DTYPE)
+    k_in = _load_block(k_rows, len_k, stride_ks, stride_kd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK, USE_DESC)
+    k = k_in.to(DOT_DTYPE)
+    v = _load_block(v_rows, len_k, stride_vs, stride_vd, n0, HEAD_DIM, BLOCK_N, BLOCK_D, MASK, USE_DESC).to(DOT_DTYPE)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
     if MASK:
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -316,7 +358,7 @@ def _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_head,
             visible = visible & (cols[None, :] <= rows[:, None] + diff)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(dout, tl.trans(v))
-    ds = (p * (dp - delta[:, None])).to(k_head.dtype.element_ty).to(DOT_DTYPE)
+    ds = (p * (dp - delta[:, None])).to(k_in.dtype).to(DOT_DTYPE)
     return tl.dot(ds, k, dq)
 
 
@@ -337,6 +379,7 @@ def _attention_backward_dq_kernel(
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     INTERPRET: tl.constexpr,        # Triton's interpreter runs the kernel (see _loop_bound)
     DOT_DTYPE: tl.constexpr,        # dot operand type: the input's; float32 under the interpreter (16-bit dots break)
+    USE_DESC: tl.constexpr,         # q, k, v, dout, dq through tensor descriptors (see _rows)
 ):
     # Grid: (n_q_blocks · sequences · heads,). One program owns BLOCK_M queries of one head and walks the keys, as
     # the forward does.
@@ -351,23 +394,29 @@ def _attention_backward_dq_kernel(
     head64 = head.to(tl.int64)
     kv_head = (head // group_size).to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
-    q = _load_block(q_ptr + seq64 * stride_qb + q_start * stride_qs + head64 * stride_qh, len_q, stride_qs,
-                    stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
-    dout = _load_block(dout_ptr + seq64 * stride_db + q_start * stride_ds + head64 * stride_dh, len_q, stride_ds,
-                       stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True).to(DOT_DTYPE)
+    q_rows = _rows(q_ptr + seq64 * stride_qb + q_start * stride_qs + head64 * stride_qh, len_q, stride_qs, HEAD_DIM,
+                   BLOCK_M, BLOCK_D, USE_DESC)
+    dout_rows = _rows(dout_ptr + seq64 * stride_db + q_start * stride_ds + head64 * stride_dh, len_q, stride_ds,
+                      HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
+    q = _load_block(q_rows, len_q, stride_qs, stride_qd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True, USE_DESC).to(DOT_DTYPE)
+    dout = _load_block(dout_rows, len_q, stride_ds, stride_dd, m0, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                       USE_DESC).to(DOT_DTYPE)
     stats = seq64 * stride_lb + head64 * stride_lh + q_start
     lse2, delta = _load_softmax_stats(lse_ptr + stats, delta_ptr + stats, rows, len_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     full_hi, hi = _causal_key_bounds(m0, len_k, diff, BLOCK_M, BLOCK_N, CAUSAL)
-    k_head = k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh
-    v_head = v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh
+    k_rows = _rows(k_ptr + seq64 * stride_kb + k_start * stride_ks + kv_head * stride_kh, len_k, stride_ks, HEAD_DIM,
+                   BLOCK_N, BLOCK_D, USE_DESC)
+    v_rows = _rows(v_ptr + seq64 * stride_vb + k_start * stride_vs + kv_head * stride_vh, len_k, stride_vs, HEAD_DIM,
+                   BLOCK_N, BLOCK_D, USE_DESC)
     for n0 in range(0, _loop_bound(full_hi, INTERPRET), BLOCK_N):
-        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_head, v_head, stride_ks,
-                       stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, DOT_DTYPE)
+        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_rows, v_rows, stride_ks,
+                       stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, DOT_DTYPE, USE_DESC)
     for n0 in range(_loop_bound(full_hi, INTERPRET), _loop_bound(hi, INTERPRET), BLOCK_N):
-        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_head, v_head, stride_ks,
-                       stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, DOT_DTYPE)
+        dq = _dq_block(dq, q, dout, lse2, delta, rows, n0, len_k, diff, qk_scale, k_rows, v_rows, stride_ks,
+                       stride_kd, stride_vs, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, DOT_DTYPE, USE_DESC)
 
-    _store_block(dq_ptr + seq64 * stride_dqb + q_start * stride_dqs + head64 * stride_dqh, len_q, stride_dqs,
-                 stride_dqd, m0, dq * softmax_scale, HEAD_DIM, BLOCK_M, BLOCK_D)
+    dq_rows = _rows(dq_ptr + seq64 * stride_dqb + q_start * stride_dqs + head64 * stride_dqh, len_q, stride_dqs,
+                    HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
+    _store_block(dq_rows, len_q, stride_dqs, stride_dqd, m0, dq * softmax_scale, HEAD_DIM, BLOCK_M, BLOCK_D, USE_DESC)
