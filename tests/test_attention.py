@@ -282,6 +282,80 @@ def test_strided_views_and_expanded_grad(device):
     check_attention(q, k, v, 500, grad_out=grad_of_sum, scaling_factor=4.0)
 
 
+def _descriptors_expected(device):
+    """Whether aligned views take the tensor-descriptor path: under the interpreter and on sm_90 and later."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "base-misaligned", "rows-misaligned", "features-strided"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "packed"])
+def test_descriptor_path_and_pointer_fallback(device, monkeypatch, layout, varlen):
+    """The kernels read and write through tensor descriptors (TMA on sm_90) where TMA can address every view, and
+    through masked pointers otherwise (a base or a row stride that is not a multiple of 16 bytes, features not
+    contiguous): both agree with the reference. Rotation off, so the kernels see the caller's views as they are."""
+    from pi_kernels.ops import attention
+
+    chosen = []
+    use_descriptors = attention._use_descriptors
+    monkeypatch.setattr(attention, "_use_descriptors", lambda *args: chosen.append(use_descriptors(*args))
+                        or chosen[-1])
+    n_heads, head_dim, seq = 2, 16, 40
+    lead = (seq + 33,) if varlen else (2, seq)
+    pad = {"contiguous": (0, 0), "base-misaligned": (1, 0), "rows-misaligned": (0, 1)}.get(layout, (0, 0))
+    width = head_dim + sum(pad)
+    views = []
+    for _ in range(3):
+        if layout == "features-strided":
+            x = torch.randn(*lead, n_heads, head_dim, 2, device=device)[..., 0]
+        else:
+            x = torch.randn(*lead, n_heads, width, device=device)[..., pad[0]:pad[0] + head_dim]
+        views.append(x.requires_grad_())
+    q, k, v = views
+    options = dict(rotate_q=False, rotate_k=False)
+    if varlen:
+        options.update(cu_seqlens_q=cu_seqlens_for([seq, 33], device), max_seqlen_q=seq)
+    check_attention(q, k, v, **options)
+    assert chosen and all(use == (layout == "contiguous" and _descriptors_expected(device)) for use in chosen), chosen
+
+
+def test_no_warning_on_any_supported_triton(device):
+    """Triton 3.6-3.8 warn that block pointers are deprecated (3.9 removed them): the kernels use none."""
+    import warnings
+
+    q, k, v = make_qkv(device, torch.float32, seq_q=33, n_heads=2, n_kv_heads=1, head_dim=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pi_kernels.attention_rotary(q, k, v, scaling_factor=2.0).sum().backward()
+
+
+def test_scratch_allocator_is_set_once_and_never_replaces_the_callers():
+    """In-kernel descriptors need Triton's scratch allocator: the launcher sets torch's unless one is set."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    from pi_kernels.ops import attention
+
+    def current():
+        allocator = _allocation._allocator
+        return allocator.get() if hasattr(allocator, "get") else allocator
+
+    def run():
+        saved = current()
+        try:
+            triton.set_allocator(_allocation.NullAllocator())   # none set
+            attention._ensure_scratch_allocator()
+            assert current() is attention._scratch
+            triton.set_allocator(mine := (lambda size, alignment, stream: None))
+            attention._ensure_scratch_allocator()
+            assert current() is mine
+        finally:
+            triton.set_allocator(saved)
+
+    contextvars.copy_context().run(run)   # Triton 3.5 on: a ContextVar; 3.4: a module global, restored
+
+
 def test_every_output_element_is_written_and_memory_is_linear(device, monkeypatch):
     """Outputs allocated by the op are NaN-poisoned before the kernels run; no allocation is seq_q × seq_k."""
     q, k, v = make_qkv(device, torch.float16, batch=1, seq_q=100, n_heads=2, n_kv_heads=1, head_dim=16)

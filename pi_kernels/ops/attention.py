@@ -271,11 +271,13 @@ def _scratch(size, alignment, stream):
 
 def _ensure_scratch_allocator():
     """Descriptors made inside a kernel are written to global scratch memory that Triton asks its allocator for;
-    set one (torch's caching allocator) unless the caller has set their own. Triton keeps it in a ContextVar, so
-    each thread that launches sets it once."""
-    from triton.runtime import _allocation
-    current = _allocation._allocator.get()
-    if isinstance(current, _allocation.NullAllocator):
+    set one (torch's caching allocator) unless the caller has set their own. Triton keeps it in a ContextVar (3.5
+    on; a module global in 3.4), so each thread that launches sets it once."""
+    from triton.runtime import _allocation  # private: read defensively
+    current = getattr(_allocation, "_allocator", None)
+    current = current.get() if hasattr(current, "get") else current
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or null is None or isinstance(current, null):
         triton.set_allocator(_scratch)
 
 
