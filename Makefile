@@ -63,13 +63,15 @@ check-extension:
 		|| $(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) numpy
 	$(CUDA_VENV)/bin/python tests/extension_check.py
 
-# The newest Triton setup.py allows (what a fresh `pip install .` on a CPU machine picks), in a virtual environment
-# layered on this one: the rotary, inference and attention kernels under its interpreter (float32 cases) and the torch
-# backend beside them; a few minutes on 2 cores.
-TRITON_NEWEST ?= triton==3.8.0
+# Triton 3.9, the newest setup.py allows (what a fresh `pip install .` on a CPU machine picks; newer than any torch
+# pins yet), in a virtual environment layered on this one: every kernel's float32 cases under its interpreter
+# (rotary, inference, attention, qkv_proj) and the torch backend beside them; a few minutes on 2 cores. The static
+# report compiles under it too: `$(TRITON_NEWEST_VENV)/bin/python -m benchmarks.static_report`.
+TRITON_NEWEST ?= triton==3.9.0
 TRITON_NEWEST_VENV ?= /tmp/venv-triton-newest
 check-triton-newest:
 	test -x $(TRITON_NEWEST_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(TRITON_NEWEST_VENV)
 	$(TRITON_NEWEST_VENV)/bin/python -m pip install -q --no-deps $(TRITON_NEWEST)
 	$(TRITON_NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_inference.py \
-		tests/test_attention.py tests/test_torch_backend.py -k "not compile and (dtype0 or float32 or not dtype)"
+		tests/test_attention.py tests/test_qkv_proj.py tests/test_torch_backend.py \
+		-k "not compile and (dtype0 or float32 or not dtype)"
