@@ -11,7 +11,7 @@ HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(torch.versi
 PYTEST_PARALLEL := $(shell nvidia-smi -L >/dev/null 2>&1 && $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
 .PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension check-gpu-compile check-triton-newest \
-	static-report
+	static-report check-vllm
 
 install:
 ifeq ($(HAVE_CUDA_TORCH),yes)
@@ -75,3 +75,15 @@ check-triton-newest:
 	$(TRITON_NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_inference.py \
 		tests/test_attention.py tests/test_qkv_proj.py tests/test_torch_backend.py \
 		-k "not compile and (dtype0 or float32 or not dtype)"
+
+# vLLM in a virtual environment of its own (it brings its own CUDA torch 2.14.0, Triton and transformers: ~9.5 GB,
+# built once in ~4 minutes here): the vLLM plugin against vLLM's rotary classes on CPU tensors
+# (tests/test_integrations_vllm.py, the README's vLLM block included; ~1 minute).
+VLLM ?= vllm==0.33.0
+VLLM_VENV ?= /tmp/venv-vllm
+check-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import vllm, pytest" 2>/dev/null \
+		|| $(VLLM_VENV)/bin/python -m pip install -q $(VLLM) pytest==9.0.3
+	PI_KERNELS_SKIP_CUDA_BUILD=1 $(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_integrations_vllm.py

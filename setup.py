@@ -58,6 +58,9 @@ setup(
     # too). The attention kernels use tensor descriptors (tl.make_tensor_descriptor, Triton 3.4 on), not the block
     # pointers 3.9 removed. A CUDA torch pins its own triton (2.14: 3.8).
     install_requires=["torch>=2.4", "triton>=3.0,<3.10", "numpy"],
+    # vLLM loads general plugins from this group in every process; pi_kernels.integrations.vllm.register does
+    # nothing unless PI_KERNELS_VLLM=1, so installing pi_kernels never changes a vLLM model silently.
+    entry_points={"vllm.general_plugins": ["pi_kernels = pi_kernels.integrations.vllm:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
