@@ -8,6 +8,7 @@ may be off the oracle by the dtype tolerance or by twice the error of the same m
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -197,6 +198,16 @@ def test_legacy_rope_scaling_config(device):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device)
     check_against_oracle(model, torch.float32, random_tokens(device))
+
+
+def test_transformers_older_than_the_floor_is_refused_naming_the_version():
+    from pi_kernels.integrations import transformers as integration
+
+    for old in ("5.3.0", "5.0.0", "4.57.6"):
+        with pytest.raises(ImportError, match=rf"needs transformers >= 5\.4 \(found {re.escape(old)}\)"):
+            integration._check_transformers_version(old)
+    for new in ("5.4.0", "5.17.0", "5.25.0.dev0", transformers.__version__):
+        integration._check_transformers_version(new)
 
 
 def set_checkpointing(model, enabled):

@@ -20,6 +20,7 @@ rope dicts and unknown types are refused with an error.
 
 import inspect
 import math
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -35,6 +36,21 @@ from .. import parallel, scaling
 
 __all__ = ["SUPPORTED_ATTENTION_CLASSES", "SUPPORTED_ROPE_TYPES", "disable_context_parallel",
            "enable_context_parallel", "is_patched", "patch_model", "unpatch_model"]
+
+
+def _check_transformers_version(version):
+    """Refuse a transformers older than the attention forward that :func:`patch_model` mirrors, naming the version.
+
+    From 5.4 the attention modules hand the KV cache no ``cache_position``; 5.0-5.3's take it as an argument of
+    their own and pass it to the cache and the attention backend, which the patched forward does not.
+    """
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or tuple(map(int, found.groups())) < (5, 4):
+        raise ImportError(f"pi_kernels.integrations.transformers needs transformers >= 5.4 (found {version}): "
+                          "pip install 'transformers>=5.4,<6'")
+
+
+_check_transformers_version(transformers.__version__)
 
 
 @dataclass(frozen=True)
