@@ -7,10 +7,13 @@ captures each launch) is compiled for the target, and the CUDA kernels of ``csrc
 * registers, spill stores, shared memory (from the compile check);
 * the width of every global load and store: counts of ``LDG``/``STG`` by bits (``STG.E.128`` is 128,
   ``STG.E.U16`` 16, ``STG.E`` 32);
+* the copies into shared memory: ``LDGSTS`` (cp.async, sm_80 and later) and the tensor memory accelerator's
+  ``UTMALDG``/``UTMASTG`` (TMA tile loads and stores, sm_90), whole kernel and per main-loop iteration;
 * the tensor-core instructions and their shapes (``HGMMA.64x128x16`` on sm_90, ``HMMA.16816`` on sm_80);
 * the main loop: loops are found from backward branches (a ``BRA`` to a lower address closes the loop that starts
-  at its target); the main loop is the innermost one with the most instructions; its instructions and barriers
-  (``BAR.*``) are counted once, i.e. per iteration;
+  at its target, unless an ``EXIT`` lies between: that is the way back from an out-of-line slow path, such as the
+  retry of an mbarrier wait on sm_90); the main loop is the innermost one with the most instructions; its
+  instructions and barriers (``BAR.*``) are counted once, i.e. per iteration;
 * fp64 instructions (``DADD``, ``DMUL``, ``DFMA``, ``DSETP``, conversions to or from F64) and ``MUFU`` (the special
   function unit), and for the kernels that rotate a tile of known size, both per rotated element: static count ×
   threads / elements per program (every such instruction of these kernels lies outside loops, so it runs once).
@@ -55,6 +58,7 @@ _FUNCTION = re.compile(r"^\s*Function : (\S+)", re.MULTILINE)
 _FP64_OPCODES = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}
 _CONVERSIONS = {"F2F", "I2F", "F2I", "FRND"}
 _MMA_OPCODES = {"HGMMA", "HMMA", "IMMA", "DMMA", "IGMMA"}
+_TMA_OPCODES = {"UTMALDG", "UTMASTG"}
 
 
 def _access_bits(modifiers):
@@ -74,6 +78,8 @@ class Loop:
     instructions: int = 0
     barriers: int = 0
     mma: list = field(default_factory=list)       # the tensor-core instruction shapes in it
+    tma_loads: int = 0                            # UTMALDG in it
+    ldgsts: int = 0                               # LDGSTS in it
 
 
 @dataclass
@@ -83,12 +89,15 @@ class SassMetrics:
     instructions: int = 0                         # without NOPs
     loads: dict = field(default_factory=dict)     # bits -> count of LDG
     stores: dict = field(default_factory=dict)    # bits -> count of STG
+    ldgsts: int = 0                               # LDGSTS (cp.async into shared memory)
+    tma: dict = field(default_factory=dict)       # "UTMALDG" / "UTMASTG" -> count (TMA tile copies)
     mma: dict = field(default_factory=dict)       # e.g. "HGMMA.64x128x16" -> count
     fp64: int = 0
     mufu: int = 0
     loops: int = 0
     loop_instructions: int = 0                    # in the main loop (innermost, most instructions), per iteration
     loop_barriers: int = 0                        # BAR.* in the main loop
+    loop_tma_loads: int = 0                       # UTMALDG in the main loop
     mma_loops: list = field(default_factory=list)  # Loop of each innermost loop with tensor-core instructions
 
 
@@ -108,7 +117,7 @@ def sass_metrics(sass):
     """:class:`SassMetrics` of the SASS text of one function (``cuobjdump -sass`` output)."""
     instructions = _parse(sass)
     metrics = SassMetrics(instructions=len(instructions))
-    loads, stores, mma = Counter(), Counter(), Counter()
+    loads, stores, mma, tma = Counter(), Counter(), Counter(), Counter()
     loops = []
     for address, opcode, modifiers, operands in instructions:
         if opcode == "LDG":
@@ -117,6 +126,10 @@ def sass_metrics(sass):
             stores[_access_bits(modifiers)] += 1
         elif opcode in _MMA_OPCODES:
             mma[".".join([opcode, *modifiers[:1]])] += 1
+        elif opcode in _TMA_OPCODES:
+            tma[opcode] += 1
+        elif opcode == "LDGSTS":
+            metrics.ldgsts += 1
         if opcode in _FP64_OPCODES or (opcode in _CONVERSIONS and "F64" in modifiers):
             metrics.fp64 += 1
         elif opcode == "MUFU":
@@ -125,19 +138,27 @@ def sass_metrics(sass):
         target = re.findall(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
         if target and int(target[-1], 16) < address:
             loops.append(Loop(int(target[-1], 16), address))
+    # A backward branch across an EXIT closes no loop: it returns from an out-of-line slow path placed after the
+    # function's end (the retry of an mbarrier wait, sm_90) to the instruction after the one that branched there.
+    exits = [address for address, opcode, _, _ in instructions if opcode == "EXIT"]
+    loops = [loop for loop in loops if not any(loop.start <= address <= loop.end for address in exits)]
     for loop in loops:
         body = [(opcode, modifiers) for address, opcode, modifiers, _ in instructions
                 if loop.start <= address <= loop.end]
         loop.instructions = len(body)
         loop.barriers = sum(opcode == "BAR" for opcode, _ in body)
+        loop.tma_loads = sum(opcode == "UTMALDG" for opcode, _ in body)
+        loop.ldgsts = sum(opcode == "LDGSTS" for opcode, _ in body)
         loop.mma = sorted({".".join([opcode, *modifiers[:1]]) for opcode, modifiers in body if opcode in _MMA_OPCODES})
     innermost = [loop for loop in loops if not any(other is not loop and loop.start <= other.start and
                                                    other.end <= loop.end for other in loops)]
     if innermost:
         main = max(innermost, key=lambda loop: loop.instructions)
         metrics.loop_instructions, metrics.loop_barriers = main.instructions, main.barriers
+        metrics.loop_tma_loads = main.tma_loads
     metrics.loads, metrics.stores, metrics.mma = dict(sorted(loads.items())), dict(sorted(stores.items())), \
         dict(sorted(mma.items()))
+    metrics.tma = dict(sorted(tma.items()))
     metrics.loops = len(loops)
     # The loops that hold tensor-core instructions and no other such loop (a loop without them inside one, such as
     # a slow path, is part of its body), in address order.
@@ -293,24 +314,27 @@ def markdown(arch, metrics, command):
              f"Generated by `{command}` without a GPU: counts read from the compiled machine code "
              "(`cuobjdump -sass`), not timings. See `benchmarks/static_report.py` for what each column means.", "",
              "Columns: registers per thread; spill stores (bytes per thread); shared memory (bytes); global loads "
-             "and stores as count×bits; tensor-core instructions; loops; instructions and `BAR` barriers per "
-             "iteration of the main loop; fp64 and MUFU instructions (static count, and per rotated element where "
-             "the tile size is known).", "",
-             "| kernel | config | dtype | regs | spill | smem | LDG | STG | MMA | loops | loop instr | loop bar "
-             "| fp64 | fp64/elem | MUFU | MUFU/elem | variants |",
-             "|---|---|---|--:|--:|--:|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "and stores as count×bits; `LDGSTS` (cp.async) and TMA tile loads/stores (`UTMALDG`/`UTMASTG`); "
+             "tensor-core instructions; loops; instructions, `BAR` barriers and `UTMALDG` per iteration of the main "
+             "loop; fp64 and MUFU instructions (static count, and per rotated element where the tile size is "
+             "known).", "",
+             "| kernel | config | dtype | regs | spill | smem | LDG | STG | LDGSTS | TMA ld/st | MMA | loops "
+             "| loop instr | loop bar | loop TMA | fp64 | fp64/elem | MUFU | MUFU/elem | variants |",
+             "|---|---|---|--:|--:|--:|---|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     rows = sorted((m for m in metrics if m.arch == arch), key=lambda m: (m.source != "triton", m.kernel, m.dtype,
                                                                          m.config))
     for m in rows:
         variants = "; ".join(m.variants[:2]) + (f" (+{len(m.variants) - 2})" if len(m.variants) > 2 else "")
         if m.error:
-            lines.append(f"| {m.kernel} | {m.config} | {m.dtype} | COMPILE FAILED |||||||||||||| {variants} |")
+            lines.append(f"| {m.kernel} | {m.config} | {m.dtype} | COMPILE FAILED ||||||||||||||||| {variants} |")
             continue
         s = m.sass
         mma = " ".join(f"{count}×{name}" for name, count in s.mma.items()) or "-"
         lines.append(f"| {m.kernel} | {m.config.replace('|', '/')} | {m.dtype} | {m.regs} | {m.spill_stores} | "
-                     f"{m.smem} | {_widths(s.loads)} | {_widths(s.stores)} | {mma} | {s.loops} | "
-                     f"{s.loop_instructions} | {s.loop_barriers} | {s.fp64} | {_per_element(m.fp64_per_element)} | "
+                     f"{m.smem} | {_widths(s.loads)} | {_widths(s.stores)} | {s.ldgsts} | "
+                     f"{s.tma.get('UTMALDG', 0)}/{s.tma.get('UTMASTG', 0)} | {mma} | {s.loops} | "
+                     f"{s.loop_instructions} | {s.loop_barriers} | {s.loop_tma_loads} | {s.fp64} | "
+                     f"{_per_element(m.fp64_per_element)} | "
                      f"{s.mufu} | {_per_element(m.mufu_per_element)} | {variants} |")
     return "\n".join(lines) + "\n"
 

@@ -4,8 +4,8 @@ budgets).
 Runs ``attention_rotary`` forward and backward on small CPU tensors under the recorder of ``gpu_compile_check.py``
 and compiles every recorded attention kernel for each target with :func:`benchmarks.static_report.triton_metrics`,
 which also reads the SASS: per inner loop (an innermost loop holding tensor-core instructions) its instructions
-(one iteration, NOPs left out), ``BAR`` barriers and tensor-core shapes (``HGMMA.64x128x16`` is wgmma M=64, N=128,
-K=16); registers and spill stores from ptxas.
+(one iteration, NOPs left out), ``BAR`` barriers, TMA tile loads (``UTMALDG``) and tensor-core shapes
+(``HGMMA.64x128x16`` is wgmma M=64, N=128, K=16); registers and spill stores from ptxas.
 
 Usage: ``python tests/attention_sass.py [--json FILE]``; prints a table (and writes the JSON list of kernels that
 ``tests/test_attention_budgets.py`` checks). Nothing here runs on a GPU: these are counts read from compiled code.
@@ -53,7 +53,9 @@ def attention_kernels(archs=ARCHS):
         raise RuntimeError("\n".join(failures))
     return [dict(arch=m.arch, name=m.kernel, dtype=m.dtype, config=m.config, variants=m.variants,
                  constexprs=m.constants, registers=m.regs, spills=m.spill_stores,
-                 loops=[dict(instructions=loop.instructions, barriers=loop.barriers, mma=loop.mma)
+                 tma=m.sass.tma, ldgsts=m.sass.ldgsts,
+                 loops=[dict(instructions=loop.instructions, barriers=loop.barriers, mma=loop.mma,
+                             tma_loads=loop.tma_loads, ldgsts=loop.ldgsts)
                         for loop in m.sass.mma_loops])
             for m in metrics if m.kernel.startswith("_attention")]
 
@@ -64,8 +66,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     kernels = attention_kernels()
     for kernel in kernels:
-        loops = "; ".join(f"{loop['instructions']} instr, {loop['barriers']} BAR, {' '.join(loop['mma'])}"
-                          for loop in kernel["loops"])
+        loops = "; ".join(f"{loop['instructions']} instr, {loop['barriers']} BAR, {loop['tma_loads']} UTMALDG, "
+                          f"{' '.join(loop['mma'])}" for loop in kernel["loops"])
         print(f"sm_{kernel['arch']} {kernel['name']} {kernel['dtype']} [{kernel['config']}] regs "
               f"{kernel['registers']} spills {kernel['spills']} | {loops} | {', '.join(kernel['variants'])}")
     if args.json:

@@ -5,7 +5,12 @@ On sm_90:
 * RoPE costs nothing inside the loops: the instructions per inner-loop iteration of every attention kernel that a
   call with RoPE launches are at most 1.10x those of the same kernel launched without RoPE;
 * every 16-bit tile is a wgmma (``HGMMA``) with N >= 64;
-* the rows a program owns are 64 per warpgroup: no two warpgroups compute the same rows.
+* the rows a program owns are 64 per warpgroup: no two warpgroups compute the same rows;
+* the tiles come in through the tensor memory accelerator (issue 19; the inputs of these variants are
+  TMA-aligned): every inner loop of the forward and dq kernels loads its K and V tiles with ``UTMALDG``, the dk/dv
+  kernel its q and dout tiles, none has an ``LDGSTS`` (cp.async) left, and every output tile is stored with
+  ``UTMASTG`` (only lse and delta, rows of float32, are plain loads and stores);
+* the bf16 head_dim-128 forward stays within 240 registers (it was at 255 on block pointers).
 
 On sm_90 and sm_80: no spills, for bf16/fp16 at head_dim 64, 80 and 128, dense and packed (varlen), and float32.
 
@@ -27,6 +32,7 @@ NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 MISSING = [tool for tool in ("ptxas", "cuobjdump") if not (NVIDIA_BIN / tool).exists()]
 RATIO_BUDGET = 1.10
 MIN_WGMMA_N = 64
+FORWARD_REGISTERS = 240
 
 pytestmark = [
     pytest.mark.static,
@@ -105,3 +111,22 @@ def test_no_spills(kernels):
     for kernel in kernels:
         where = f"sm_{kernel['arch']} {kernel['name']} {kernel['dtype']} [{kernel['config']}]"
         assert kernel["spills"] == 0, f"{where}: {kernel['spills']} bytes spilled"
+
+
+def test_sm90_main_loops_load_through_tma(kernels):
+    for kernel in _core(kernels):
+        where = f"{kernel['name']} {kernel['dtype']} [{kernel['config']}]"
+        assert kernel["loops"], f"{where}: no inner loop with tensor-core instructions"
+        for loop in kernel["loops"]:
+            # Two tiles per iteration: K and V (forward, dq), or q and dout (dk/dv).
+            assert loop["tma_loads"] >= 2, f"{where}: {loop['tma_loads']} UTMALDG per iteration"
+            assert loop["ldgsts"] == 0, f"{where}: {loop['ldgsts']} LDGSTS per iteration"
+        assert kernel["tma"].get("UTMASTG", 0) >= 1, f"{where}: the output tile is not stored through TMA"
+
+
+def test_bf16_d128_forward_registers(kernels):
+    forward = [kernel for kernel in _core(kernels) if kernel["name"] == "_attention_forward_kernel"
+               and kernel["dtype"] == "bf16" and kernel["constexprs"]["HEAD_DIM"] == 128]
+    assert forward
+    for kernel in forward:
+        assert kernel["registers"] <= FORWARD_REGISTERS, f"[{kernel['config']}]: {kernel['registers']} registers"

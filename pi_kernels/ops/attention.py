@@ -219,9 +219,10 @@ def _blocks(kernel, head_dim, element_size, device):
         return {"forward": _Blocks(64, 32, 4, 1), "dkdv": _Blocks(32, 64, 4, 1), "dq": _Blocks(64, 32, 4, 1)}[kernel]
     if element_size > 2:
         # float32 (TF32 dots): twice the bytes per tile and register; the backward's loop steps are 16 rows (wgmma
-        # N = 16: the sm_90 budgets are for 16-bit inputs), single-staged, and the forward's key step 64 on sm_90
-        # (1 stage), 32 before: the widest tiles found that do not spill, within an A100's shared memory (163 KiB).
-        forward = _Blocks(128, 64, 8, 1) if _device_arch(device) >= 90 else _Blocks(128, 32, 8, 2)
+        # N = 16: the sm_90 budgets are for 16-bit inputs), single-staged, and the forward's key step 64 on sm_90,
+        # 32 before, 1 stage: the widest tiles found that do not spill, within an A100's shared memory (163 KiB).
+        # (sm_80's pointer loads spilled 8 bytes at 2 stages, where the block pointers they replace did not.)
+        forward = _Blocks(128, 64, 8, 1) if _device_arch(device) >= 90 else _Blocks(128, 32, 8, 1)
         table = {"forward": forward, "dkdv": _Blocks(16, 128, 8, 1), "dq": _Blocks(128, 16, 8, 1)}
     elif head_dim > 128:
         table = {"forward": _Blocks(64, 64, 4, 2), "dkdv": _Blocks(64, 64, 4, 1), "dq": _Blocks(64, 64, 4, 1)}
