@@ -10,8 +10,8 @@ HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(torch.versi
 # On a GPU machine with pytest-xdist the tests run in parallel: Triton's compiles dominate, one worker per core.
 PYTEST_PARALLEL := $(shell nvidia-smi -L >/dev/null 2>&1 && $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
-.PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension check-gpu-compile check-triton-newest \
-	static-report check-vllm
+.PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension check-gpu-compile check-gpu-image \
+	check-oldest check-newest static-report check-vllm
 
 install:
 ifeq ($(HAVE_CUDA_TORCH),yes)
@@ -62,6 +62,57 @@ check-extension:
 	$(CUDA_VENV)/bin/python -c "import sys, torch, numpy; sys.exit(torch.version.cuda is None)" 2>/dev/null \
 		|| $(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) numpy
 	$(CUDA_VENV)/bin/python tests/extension_check.py
+
+# The declared range (setup.py, README "Versions"), one virtual environment per end, each made once and kept: a
+# stamp file records what was asked for, and other pins make the environment anew. The tests run from this checkout
+# (pi_kernels installed editable, without the CUDA build). Made from scratch on 2 cores, each takes a few minutes
+# (torch's CUDA wheels are GBs); the times of each step are in the README.
+#   GPU image: exactly what the H100/H200 machines hold (python3, no `python`); nothing can be installed there.
+#   oldest:    the floors of setup.py.
+#   newest:    the newest of each that setup.py allows (torch capped at 2.14.1 here, which pins Triton 3.8;
+#              check-triton-newest below runs Triton 3.9).
+TEST_TOOLS ?= pytest==9.0.3 hypothesis==6.155.2 matplotlib
+GPU_IMAGE_VENV ?= /tmp/venv-gpu-image
+GPU_IMAGE_PYTHON ?= 3.12
+GPU_IMAGE_PINS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0
+OLDEST_VENV ?= /tmp/venv-oldest
+OLDEST_PYTHON ?= 3.10
+OLDEST_PINS ?= torch==2.8.0 triton==3.4.0 transformers==5.4.0
+NEWEST_VENV ?= /tmp/venv-newest
+NEWEST_PYTHON ?= 3.13
+NEWEST_PINS ?= torch==2.14.1 "triton<3.10" "transformers<6"
+RANGE_PYTEST = -m pytest -q -p no:cacheprovider -m "not static"
+
+# $(call range_venv,DIR,PYTHON VERSION,PACKAGES): DIR holds a virtual environment of that Python with PACKAGES, the
+# test tools and this checkout; python<version> from PATH where it runs, else pyenv's.
+define range_venv
+	@if [ "$$(cat $(1)/.pins 2>/dev/null)" != '$(2) $(3) $(TEST_TOOLS)' ]; then \
+		py=$$(python$(2) -c "" 2>/dev/null && echo python$(2) || \
+			ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(2).*/bin/python$(2) 2>/dev/null | tail -n 1); \
+		test -n "$$py" || { echo "no Python $(2) here (pyenv install $(2))"; exit 1; }; \
+		echo "making $(1): Python $(2), $(3)"; \
+		rm -rf $(1) && $$py -m venv $(1) && $(1)/bin/python -m pip install -q $(3) $(TEST_TOOLS) \
+		&& echo '$(2) $(3) $(TEST_TOOLS)' > $(1)/.pins; \
+	fi
+	PI_KERNELS_SKIP_CUDA_BUILD=1 $(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@$(1)/bin/python -c "import sys, torch, triton, transformers; print('$(1): Python', sys.version.split()[0], \
+		'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+endef
+
+# The GPU machine's versions: the whole suite, then the GPU check's dry run (the same stages as `make gpu-check`
+# without a GPU), so that a GPU call finds nothing a CPU could have found.
+check-gpu-image:
+	$(call range_venv,$(GPU_IMAGE_VENV),$(GPU_IMAGE_PYTHON),$(GPU_IMAGE_PINS))
+	$(GPU_IMAGE_VENV)/bin/python $(RANGE_PYTEST)
+	$(MAKE) --no-print-directory gpu-check-dry-run PYTHON=$(GPU_IMAGE_VENV)/bin/python
+
+check-oldest:
+	$(call range_venv,$(OLDEST_VENV),$(OLDEST_PYTHON),$(OLDEST_PINS))
+	$(OLDEST_VENV)/bin/python $(RANGE_PYTEST)
+
+check-newest:
+	$(call range_venv,$(NEWEST_VENV),$(NEWEST_PYTHON),$(NEWEST_PINS))
+	$(NEWEST_VENV)/bin/python $(RANGE_PYTEST)
 
 # Triton 3.9, the newest setup.py allows (what a fresh `pip install .` on a CPU machine picks; newer than any torch
 # pins yet), in a virtual environment layered on this one: every kernel's float32 cases under its interpreter

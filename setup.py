@@ -50,14 +50,26 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels for RoPE models extended by Position Interpolation",
     packages=find_packages(include=["pi_kernels", "pi_kernels.*"]),
-    python_requires=">=3.10",
+    # The tested range (README, "Versions"; CI runs each end in a virtual environment of its own: `make
+    # check-oldest`, `make check-gpu-image`, `make check-newest`). The floors are where every feature works:
+    # Python 3.10 (transformers 5's own floor); torch 2.8 (torch.library.custom_op/register_fake/register_autograd
+    # came in 2.4 and FSDP2's public torch.distributed.fsdp.fully_shard in 2.6, but torch 2.6 and 2.7 pin Triton 3.2
+    # and 3.3, whose autotuner asks for a GPU driver at import, so `import pi_kernels` fails on a CPU machine there);
+    # Triton 3.4 (the first whose autotuner waits for a launch); transformers 5.4 (rope_parameters came in 5.0, but
+    # pi_kernels.integrations.transformers mirrors the attention forward of 5.4 on, which hands the KV cache no
+    # cache_position, and refuses an older one at import).
+    # triton < 3.10: 3.9 is the newest tested (`make check-triton-newest`: every kernel's float32 cases under its
+    # interpreter; the static report compiles under it too), though no torch up to 2.14 pins it (2.14: 3.8). The
+    # attention kernels use tensor descriptors (tl.make_tensor_descriptor, Triton 3.4 on), not the block pointers
+    # 3.9 removed.
     # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the kernels run and are tested on a CPU) imports it, and
     # Triton does not declare it; it is small, so it is required rather than an extra a user finds missing later.
-    # triton < 3.10: 3.9 is the newest tested. CI runs the pinned 3.6 (requirements-dev.txt) and 3.9 (`make
-    # check-triton-newest`: every kernel's float32 cases under its interpreter; the static report compiles under it
-    # too). The attention kernels use tensor descriptors (tl.make_tensor_descriptor, Triton 3.4 on), not the block
-    # pointers 3.9 removed. A CUDA torch pins its own triton (2.14: 3.8).
-    install_requires=["torch>=2.4", "triton>=3.0,<3.10", "numpy"],
+    python_requires=">=3.10",
+    install_requires=["torch>=2.8", "triton>=3.4,<3.10", "numpy"],
+    # pi_kernels.integrations.transformers (patch_model) and the PI recipe (pi_kernels.recipes, whose plots need
+    # matplotlib); the core ops need neither.
+    extras_require={"transformers": ["transformers>=5.4,<6"],
+                    "recipes": ["transformers>=5.4,<6", "matplotlib"]},
     # vLLM loads general plugins from this group in every process; pi_kernels.integrations.vllm.register does
     # nothing unless PI_KERNELS_VLLM=1, so installing pi_kernels never changes a vLLM model silently.
     entry_points={"vllm.general_plugins": ["pi_kernels = pi_kernels.integrations.vllm:register"]},
