@@ -26,6 +26,9 @@ if not _has_cuda_device():
     os.environ["TRITON_INTERPRET"] = "1"
 # Tests check results, not tile choices: ops that autotune (qkv_proj) keep one config, so no test runs for minutes.
 os.environ.setdefault("PI_KERNELS_AUTOTUNE", "0")
+# Inductor compiles in this process: its pool of compile workers buys nothing for the tiny graphs of
+# tests/test_compile.py, and on a loaded 2-core machine its shutdown at exit has outlasted its 300 s timeout.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
