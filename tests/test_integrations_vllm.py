@@ -138,6 +138,22 @@ def test_shapes_vllm_passes(enabled):
     assert torch.equal(split.reshape(10, -1), flat_query)
 
 
+def test_compiled_as_vllm_compiles_models(enabled):
+    """torch.compile(fullgraph=True, dynamic=True) of the layer's forward, as vLLM compiles a model: the same result
+    as eager for every token count."""
+    layer = get_rope("yarn")
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(2)
+    for tokens in (5, 17, 3):
+        positions = torch.randint(0, 4096, (tokens,), generator=generator)
+        query, key = torch.randn(tokens, 4 * HEAD_SIZE, generator=generator), torch.randn(tokens, HEAD_SIZE)
+        with torch.no_grad():
+            eager = layer(positions, query.clone(), key.clone())
+            out = compiled(positions, query.clone(), key.clone())
+        for name, a, b in zip(("query", "key"), out, eager, strict=True):
+            assert rel_error(a, b) <= TOLERANCE[torch.float32], f"{name}, {tokens} tokens"
+
+
 def test_several_linear_factors_stay_vllm(enabled):
     """A linear layer holding several factors (multi-LoRA offsets into one cache) is computed by vLLM."""
     layer = rotary_embedding.LinearScalingRotaryEmbedding(HEAD_SIZE, HEAD_SIZE, 256, 10000.0, True, [1.0, 4.0],
