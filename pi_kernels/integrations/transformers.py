@@ -409,11 +409,16 @@ def _patched_forward(self, hidden_states, position_embeddings=None, attention_ma
                      **kwargs):
     """The Llama-family attention forward with RoPE by pi_kernels (``self`` is the attention module)."""
     patch = getattr(self, _PATCH_ATTRIBUTE)
+    # transformers 5.24 renamed the KV cache argument past_key_values to cache, whose update takes the call's kwargs.
+    named_cache = "cache" in kwargs
+    if named_cache:
+        past_key_values = kwargs.pop("cache")
     fused_attention = patch.attention and _fusable_attention(self, patch.family, attention_mask, past_key_values,
                                                              kwargs)
     if not (patch.rotary or patch.qkv or fused_attention):
         return patch.original_forward(self, hidden_states, position_embeddings=position_embeddings,
-                                      attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+                                      attention_mask=attention_mask,
+                                      **{"cache" if named_cache else "past_key_values": past_key_values}, **kwargs)
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         raise ValueError(f"{type(self).__name__} patched by pi_kernels needs the position_ids that the decoder layer "
@@ -449,7 +454,7 @@ def _patched_forward(self, hidden_states, position_embeddings=None, attention_ma
 
     query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+        key, value = past_key_values.update(key, value, self.layer_idx, **({"kwargs": kwargs} if named_cache else {}))
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                 patch.eager_attention)
     attn_output, attn_weights = attention_interface(
