@@ -165,6 +165,43 @@ def test_poisoned_outputs_are_fully_written(device):
     check_outputs(outs, refs, torch.float16)
 
 
+def _descriptors_expected(device):
+    """Whether aligned operands take the tensor-descriptor path: under the interpreter and on sm_90 and later."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "batch-strided", "x-base-misaligned", "x-rows-misaligned",
+                                    "weight-rows-misaligned", "x-features-strided"])
+@pytest.mark.parametrize(("head_dim", "interleaved", "rotary_dim"),
+                         [(32, False, None), (32, True, None), (32, False, 16), (16, False, None)],
+                         ids=["rotate-half", "gptj", "partial", "d16"])
+def test_descriptor_path_and_pointer_fallback(device, monkeypatch, layout, head_dim, interleaved, rotary_dim):
+    """The GEMM reads x (and the weight, where its rows are taken in order) and writes q, k, v through tensor
+    descriptors (TMA on sm_90) when TMA can address every operand, and through masked pointers otherwise (a base or
+    a row stride that is not a multiple of 16 bytes, features not contiguous, batch rows not one matrix): both agree
+    with the reference, in every pair order (rotate-half in row order, GPT-J, partial rotary) and with a K tail."""
+    chosen = []
+    use_descriptors = qkv_op._use_descriptors
+    monkeypatch.setattr(qkv_op, "_use_descriptors", lambda *args: chosen.append(use_descriptors(*args))
+                        or chosen[-1])
+    shape = dict(batch=2, seq=21, hidden=72, num_heads=2, num_kv_heads=1, head_dim=head_dim)
+    x, weight, b = make_inputs(device, torch.float32, bias=True, **shape)
+    pad = {"x-base-misaligned": (1, 0), "x-rows-misaligned": (0, 1)}.get(layout, (0, 0))
+    if sum(pad):
+        x = torch.cat([x[..., :pad[0]], x, x[..., :pad[1]]], dim=-1)[..., pad[0]:pad[0] + shape["hidden"]]
+    elif layout == "x-features-strided":
+        x = torch.stack([x, x], dim=-1)[..., 0]
+    elif layout == "batch-strided":
+        x = torch.cat([x, x[:, :3]], dim=1)[:, :shape["seq"]]   # batch rows 24 tokens apart, 21 used
+    elif layout == "weight-rows-misaligned":
+        weight = torch.cat([weight, weight[:, :1]], dim=1)[:, :shape["hidden"]]
+    options = dict(heads(shape), positions=make_positions("ids", device, seq=shape["seq"]), scaling_factor=4.0,
+                   interleaved=interleaved, rotary_dim=rotary_dim)
+    check_outputs(pi_kernels.qkv_proj_rotary(x, weight, b, **options), reference(x, weight, b, **options),
+                  torch.float32)
+    assert chosen == [layout == "contiguous" and _descriptors_expected(device)], chosen
+
+
 def test_matches_matmul_then_rotary_interp(device):
     """q and k are rotated exactly as rotary_interp rotates the unfused projection's output."""
     x, weight, b = make_inputs(device, torch.float32, bias=True, **SHAPE)

@@ -247,12 +247,12 @@ def _constexprs(head_dim, dtype, blocks, causal, varlen, use_desc):
 
 
 def _descriptor_alignment(x4, strides):
-    """Whether a tensor descriptor can address the (batch, seq, heads, dim) view ``x4`` with the kernel's element
-    ``strides``: features contiguous, the base and every other stride a multiple of 16 bytes (TMA's rules; a head
-    of a sequence then starts 16-byte aligned too)."""
+    """Whether a tensor descriptor can address the (batch, seq, heads, dim) view ``x4`` (or any other tensor: the
+    QKV GEMM's operands) with the kernel's element ``strides``: last dimension contiguous, the base and every other
+    stride a multiple of 16 bytes (TMA's rules; a head of a sequence then starts 16-byte aligned too)."""
     size = x4.element_size()
-    return (strides[3] == 1 and x4.data_ptr() % 16 == 0
-            and all(stride * size % 16 == 0 for stride in strides[:3]))
+    return (strides[-1] == 1 and x4.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in strides[:-1]))
 
 
 def _use_descriptors(device, *views):

@@ -35,8 +35,9 @@ import triton.language as tl
 from .. import _backend, _torch_backend
 from .. import _validation as v
 from .._positions import PositionSpec, position_pointer_and_strides
-from . import _interpreting
+from . import _interpreting, attention
 from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
+from .attention import _ensure_scratch_allocator
 from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 
 __all__ = ["QKVProjRotary", "QKVProjRotaryFunction", "qkv_proj_backward", "qkv_proj_forward", "qkv_proj_rotary"]
@@ -98,9 +99,11 @@ def _pair_columns(pairs, HEAD_DIM: tl.constexpr, ROTARY_HALF: tl.constexpr, INTE
 
 @triton.jit
 def _project_head(
-    x_ptr, w_ptr, b_ptr, out_ptr,           # activations; one of q/k/v's weight, bias and output
+    x_ptr, w_ptr, b_ptr, out_ptr,           # activations (a tensor descriptor when USE_DESC); one of q/k/v's
+                                            # weight, bias and output
+    row0, n_tokens,                         # first token row of the tile (flat over batch · seq); rows of the GEMM
     row_x, batch_idx, tokens, token_mask,   # (BLOCK_M,): int64 row offsets into x, batch row, token, validity
-    head,                                   # head index within this weight
+    head, n_w_heads,                        # head index within this weight; heads of this weight (and output)
     stride_xk, stride_wn, stride_wk, stride_b,
     stride_ob, stride_os, stride_oh, stride_od,
     turns_ptr, pos_ptr, cu_seqlens_ptr, pos_offset, n_seqs, stride_pb, stride_ps,  # positions, as in rotary
@@ -108,6 +111,7 @@ def _project_head(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HALVES_IN_ORDER: tl.constexpr, USE_DESC: tl.constexpr,
 ):
     # A rotated head's 2·BLOCK_P columns: the first members of BLOCK_P pairs, then their partners, so one tl.dot
     # computes both halves of every pair and the epilogue separates them with a reshape. A head that is not rotated
@@ -123,26 +127,44 @@ def _project_head(
         cols = tile_cols
     # Padding columns (head_dim / 2 not a power of two) read a valid weight row instead of masking every load.
     cols = tl.where(col_mask, cols, 0)
-    row_w = (head * HEAD_DIM + cols).to(tl.int64) * stride_wn
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + row_x[:, None] + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + row_w[None, :] + ks[:, None] * stride_wk      # (BLOCK_K, 2·BLOCK_P): weight rows transposed
+    if not USE_DESC:
+        x_ptrs = x_ptr + row_x[:, None] + ks[None, :] * stride_xk
+    # The weight rows of the tile are one contiguous run when they are taken in order (v; rotate-half over the whole
+    # head with head_dim / 2 a power of two, whose pair order is the row order): then one TMA box of 2·BLOCK_P rows
+    # (rows past the head, read for padding columns only, are the next head's or zeros). Other pair orders (GPT-J,
+    # partial rotary, padded pairs) gather rows with pointers.
+    if USE_DESC and ((not ROTATE) or HALVES_IN_ORDER):
+        w_desc = tl.make_tensor_descriptor(w_ptr, [n_w_heads * HEAD_DIM, HIDDEN], [stride_wn, 1],
+                                           [2 * BLOCK_P, BLOCK_K])
+    else:
+        row_w = (head * HEAD_DIM + cols).to(tl.int64) * stride_wn
+        w_ptrs = w_ptr + row_w[None, :] + ks[:, None] * stride_wk  # (BLOCK_K, 2·BLOCK_P): weight rows transposed
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_P), dtype=tl.float32)
     for k_step in range(0, tl.cdiv(HIDDEN, BLOCK_K)):
-        if HIDDEN % BLOCK_K == 0:
+        k_mask = ks < HIDDEN - k_step * BLOCK_K
+        if USE_DESC:
+            # One TMA copy into shared memory; rows past n_tokens and columns past HIDDEN come in as zeros.
+            x_tile = x_ptr.load([row0, k_step * BLOCK_K])
+        elif HIDDEN % BLOCK_K == 0:
             x_tile = tl.load(x_ptrs)
+        else:
+            x_tile = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        if USE_DESC and ((not ROTATE) or HALVES_IN_ORDER):
+            w_tile = tl.trans(w_desc.load([head * HEAD_DIM, k_step * BLOCK_K]))
+        elif HIDDEN % BLOCK_K == 0:
             w_tile = tl.load(w_ptrs)
         else:
-            k_mask = ks < HIDDEN - k_step * BLOCK_K
-            x_tile = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
             w_tile = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         if DOT_FP32:
             # Triton's interpreter may return garbage for 16-bit tl.dot; fp32 products of 16-bit values are exact.
             x_tile = x_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        if not USE_DESC:
+            x_ptrs += BLOCK_K * stride_xk
+        if not (USE_DESC and ((not ROTATE) or HALVES_IN_ORDER)):
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + (head * HEAD_DIM + cols) * stride_b).to(tl.float32)[None, :]
@@ -160,17 +182,40 @@ def _project_head(
         if INTERLEAVED:
             # Pair j is columns (2j, 2j + 1): out1 and out2 interleaved are the head's columns in order.
             out = tl.reshape(tl.join(out1, out2), (BLOCK_M, 2 * BLOCK_P))
-            tl.store(row_out + tile_cols.to(tl.int64)[None, :] * stride_od, out,
-                     mask=token_mask[:, None] & (tile_cols < HEAD_DIM)[None, :])
+            if USE_DESC:
+                _store_head_desc(out_ptr, n_tokens, n_w_heads, stride_os, stride_oh, row0, head, 0, out, HEAD_DIM,
+                                 BLOCK_M, 2 * BLOCK_P)
+            else:
+                tl.store(row_out + tile_cols.to(tl.int64)[None, :] * stride_od, out,
+                         mask=token_mask[:, None] & (tile_cols < HEAD_DIM)[None, :])
+        elif USE_DESC and HALVES_IN_ORDER:
+            # The halves are columns [0, BLOCK_P) and [BLOCK_P, 2·BLOCK_P) of the head: two TMA stores.
+            _store_head_desc(out_ptr, n_tokens, n_w_heads, stride_os, stride_oh, row0, head, 0, out1, HEAD_DIM,
+                             BLOCK_M, BLOCK_P)
+            _store_head_desc(out_ptr, n_tokens, n_w_heads, stride_os, stride_oh, row0, head, BLOCK_P, out2, HEAD_DIM,
+                             BLOCK_M, BLOCK_P)
         else:
             half_cols = tl.arange(0, BLOCK_P)
             first, second = _pair_columns(half_cols, HEAD_DIM, ROTARY_HALF, INTERLEAVED)
             half_mask = token_mask[:, None] & (half_cols < HEAD_DIM // 2)[None, :]
             tl.store(row_out + first.to(tl.int64)[None, :] * stride_od, out1, mask=half_mask)
             tl.store(row_out + second.to(tl.int64)[None, :] * stride_od, out2, mask=half_mask)
+    elif USE_DESC:
+        _store_head_desc(out_ptr, n_tokens, n_w_heads, stride_os, stride_oh, row0, head, 0,
+                         acc.to(out_ptr.dtype.element_ty), HEAD_DIM, BLOCK_M, 2 * BLOCK_P)
     else:
         tl.store(row_out + tile_cols.to(tl.int64)[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty),
                  mask=token_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _store_head_desc(out_ptr, n_tokens, n_heads, stride_os, stride_oh, row0, head, col0, tile, HEAD_DIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, COLS: tl.constexpr):
+    """Store a (BLOCK_M, COLS) tile at (tokens row0.., ``head``, columns col0..) of the (tokens, heads, HEAD_DIM)
+    output through a tensor descriptor (TMA on sm_90), clipped to the tokens and to the head's HEAD_DIM columns."""
+    desc = tl.make_tensor_descriptor(out_ptr, [n_tokens, n_heads, HEAD_DIM], [stride_os, stride_oh, 1],
+                                     [BLOCK_M, 1, COLS])
+    desc.store([row0, head, col0], tl.reshape(tile, (BLOCK_M, 1, COLS)))
 
 
 @triton.autotune(configs=_INTERPRETER_CONFIGS if _interpreting() else _GPU_CONFIGS,
@@ -200,6 +245,10 @@ def _qkv_rotary_kernel(
     HEAD_DIM: tl.constexpr, ROTARY_HALF: tl.constexpr, BLOCK_P: tl.constexpr,
     POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_V: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HALVES_IN_ORDER: tl.constexpr,          # rotate-half over the whole head, head_dim / 2 == BLOCK_P: pair order
+                                            # is row (and column) order
+    USE_DESC: tl.constexpr,                 # tensor descriptors (TMA on sm_90): x's tiles, the weight's where its
+                                            # rows are in order, the output tiles (see _launch_forward)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # 1-D grid over (token block, head); GROUP_M token blocks run over all heads before the next group starts,
@@ -219,26 +268,34 @@ def _qkv_rotary_kernel(
     batch_idx = rows // seq_len
     tokens = rows % seq_len
     row_x = batch_idx * stride_xb + tokens * stride_xs
+    row0 = token_block * BLOCK_M
+    # x as one (n_tokens, HIDDEN) matrix: the launcher has checked that batch rows follow each other.
+    if USE_DESC:
+        x_src = tl.make_tensor_descriptor(x_ptr, [n_tokens, HIDDEN], [stride_xs, 1], [BLOCK_M, BLOCK_K])
+    else:
+        x_src = x_ptr
 
     if head < n_q_heads:
-        _project_head(x_ptr, wq_ptr, bq_ptr, q_ptr, row_x, batch_idx, tokens, token_mask, head,
+        _project_head(x_src, wq_ptr, bq_ptr, q_ptr, row0, n_tokens, row_x, batch_idx, tokens, token_mask, head,
+                      n_q_heads,
                       stride_xk, stride_wqn, stride_wqk, stride_bq, stride_qb, stride_qs, stride_qh, stride_qd,
                       turns_ptr, pos_ptr, cu_seqlens_ptr, pos_offset, n_seqs, stride_pb, stride_ps,
                       True, HIDDEN, HEAD_DIM, ROTARY_HALF, BLOCK_M, BLOCK_P, BLOCK_K, POS_MODE, IS_VARLEN,
-                      SEARCH_STEPS, INTERLEAVED, HAS_BIAS, DOT_FP32, INPUT_PRECISION)
+                      SEARCH_STEPS, INTERLEAVED, HAS_BIAS, DOT_FP32, INPUT_PRECISION, HALVES_IN_ORDER, USE_DESC)
     elif head < n_q_heads + n_kv_heads:
-        _project_head(x_ptr, wk_ptr, bk_ptr, k_ptr, row_x, batch_idx, tokens, token_mask, head - n_q_heads,
+        _project_head(x_src, wk_ptr, bk_ptr, k_ptr, row0, n_tokens, row_x, batch_idx, tokens, token_mask,
+                      head - n_q_heads, n_kv_heads,
                       stride_xk, stride_wkn, stride_wkk, stride_bk, stride_kb, stride_ks, stride_kh,
                       stride_kd, turns_ptr, pos_ptr, cu_seqlens_ptr, pos_offset, n_seqs, stride_pb, stride_ps,
                       True, HIDDEN, HEAD_DIM, ROTARY_HALF, BLOCK_M, BLOCK_P, BLOCK_K, POS_MODE, IS_VARLEN,
-                      SEARCH_STEPS, INTERLEAVED, HAS_BIAS, DOT_FP32, INPUT_PRECISION)
+                      SEARCH_STEPS, INTERLEAVED, HAS_BIAS, DOT_FP32, INPUT_PRECISION, HALVES_IN_ORDER, USE_DESC)
     elif HAS_V:
-        _project_head(x_ptr, wv_ptr, bv_ptr, v_ptr, row_x, batch_idx, tokens, token_mask,
-                      head - n_q_heads - n_kv_heads, stride_xk, stride_wvn, stride_wvk, stride_bv,
+        _project_head(x_src, wv_ptr, bv_ptr, v_ptr, row0, n_tokens, row_x, batch_idx, tokens, token_mask,
+                      head - n_q_heads - n_kv_heads, n_kv_heads, stride_xk, stride_wvn, stride_wvk, stride_bv,
                       stride_vb, stride_vs, stride_vh, stride_vd,
                       turns_ptr, pos_ptr, cu_seqlens_ptr, pos_offset, n_seqs, stride_pb, stride_ps,
                       False, HIDDEN, HEAD_DIM, ROTARY_HALF, BLOCK_M, BLOCK_P, BLOCK_K, POS_MODE, IS_VARLEN,
-                      SEARCH_STEPS, INTERLEAVED, HAS_BIAS, DOT_FP32, INPUT_PRECISION)
+                      SEARCH_STEPS, INTERLEAVED, HAS_BIAS, DOT_FP32, INPUT_PRECISION, HALVES_IN_ORDER, USE_DESC)
 
 
 def _split_heads(weights, biases, num_heads, num_kv_heads, head_dim):
@@ -260,6 +317,22 @@ def _input_precision(dtype):
     if dtype != torch.float32:
         return None
     return "tf32" if not _interpreting() and torch.get_float32_matmul_precision() != "highest" else "ieee"
+
+
+def _use_descriptors(x3, weights, outs):
+    """USE_DESC of the GEMM: tensor descriptors (TMA on sm_90 and later; under the interpreter, so that the tests
+    run the same loads) when every operand is TMA-addressable, the rules attention's views follow (16-byte aligned
+    base, strides multiples of 16 bytes, last dimension contiguous), and x's batch rows follow each other (one
+    (tokens, hidden) matrix); masked pointer loads and stores otherwise, before sm_90, and for the fp32 FMA loop
+    (no tf32: its operands go to registers, and with TMA tiles its 64-token configs spilled 1320 bytes on sm_90)."""
+    if not hasattr(tl, "make_tensor_descriptor"):  # Triton before 3.4
+        return False
+    if not _interpreting() and (attention._device_arch(x3.device) < 90 or _input_precision(x3.dtype) == "ieee"):
+        return False
+    batch, seq_len, _ = x3.shape
+    flat = batch == 1 or x3.stride(0) == seq_len * x3.stride(1)
+    tensors = [x3, *weights, *outs]
+    return flat and all(attention._descriptor_alignment(t, t.stride()) for t in tensors)
 
 
 def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim, rotary_dim, interleaved):
@@ -284,6 +357,11 @@ def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim
     # tl.dot needs every block dimension ≥ 16.
     block_pairs = max(16, triton.next_power_of_2(head_dim // 2))
 
+    halves_in_order = not interleaved and rotary_dim == head_dim and head_dim == 2 * block_pairs
+    use_desc = _use_descriptors(x3, [wq, wk] + ([wv] if has_v else []), [q4, k4] + ([v4] if has_v else []))
+    if use_desc and not _interpreting():
+        _ensure_scratch_allocator()
+
     def grid(meta):
         return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * n_heads,)
 
@@ -295,7 +373,7 @@ def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim
         HIDDEN=hidden, HEAD_DIM=head_dim, ROTARY_HALF=rotary_dim // 2, BLOCK_P=block_pairs,
         POS_MODE=spec.mode, IS_VARLEN=cu_seqlens is not None, SEARCH_STEPS=search_steps,
         INTERLEAVED=interleaved, HAS_BIAS=has_bias, HAS_V=has_v, DOT_FP32=_interpreting(),
-        INPUT_PRECISION=_input_precision(x3.dtype),
+        INPUT_PRECISION=_input_precision(x3.dtype), HALVES_IN_ORDER=halves_in_order, USE_DESC=use_desc,
     )
 
 
