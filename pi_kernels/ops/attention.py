@@ -246,11 +246,16 @@ def _constexprs(head_dim, dtype, blocks, causal, varlen, use_desc):
     )
 
 
+# Triton's interpreter before 3.6 checks a descriptor's strides as if they were bytes (they are elements).
+_INTERPRETER_STRIDES_IN_ELEMENTS = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6)
+
+
 def _descriptor_alignment(x4, strides):
     """Whether a tensor descriptor can address the (batch, seq, heads, dim) view ``x4`` (or any other tensor: the
     QKV GEMM's operands) with the kernel's element ``strides``: last dimension contiguous, the base and every other
-    stride a multiple of 16 bytes (TMA's rules; a head of a sequence then starts 16-byte aligned too)."""
-    size = x4.element_size()
+    stride a multiple of 16 bytes (TMA's rules; a head of a sequence then starts 16-byte aligned too; under the
+    interpreter of Triton 3.4 and 3.5, a multiple of 16 elements, as it checks)."""
+    size = 1 if _INTERPRETER_STRIDES_IN_ELEMENTS and _interpreting() else x4.element_size()
     return (strides[-1] == 1 and x4.data_ptr() % 16 == 0
             and all(stride * size % 16 == 0 for stride in strides[:-1]))
 
