@@ -11,7 +11,7 @@ HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(torch.versi
 PYTEST_PARALLEL := $(shell nvidia-smi -L >/dev/null 2>&1 && $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n auto")
 
 .PHONY: install bench test lint gpu-check gpu-check-dry-run check-extension check-gpu-compile check-gpu-image \
-	check-oldest check-newest static-report check-vllm
+	check-oldest check-newest check-triton-newest static-report check-vllm
 
 install:
 ifeq ($(HAVE_CUDA_TORCH),yes)

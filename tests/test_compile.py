@@ -128,10 +128,33 @@ def test_inplace_on_views_under_autograd(device, backend, entry, source):
     assert counter.frame_count >= 2, "the head-count change should have recompiled"
 
 
+def pytorch_compiles_inplace_on_a_view_after_a_graph_break(backend, device):
+    """Whether torch.compile itself handles ``y[:, 0].copy_(...)`` on the output of the graph before a break
+    (torch 2.14.1's inductor does not: "Output 0 of Select is a view and is being modified inplace")."""
+
+    def plain(x):
+        y = x * 1.0
+        torch._dynamo.graph_break()
+        y[:, 0].copy_(y[:, 0] * 2.0)
+        return y
+
+    try:
+        torch.compile(plain, backend=backend)(torch.ones(3, 2, device=device, requires_grad=True))
+    except Exception:  # noqa: BLE001 - any failure of PyTorch's own pattern
+        return False
+    finally:
+        torch._dynamo.reset()
+    return True
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_graph_break_before_inplace_call(device, backend):
     """Issue 17, case 3 without fullgraph: a graph break before an in-place call on views, with another scaling
-    factor each call (once a Dynamo crash or "marked as dirty ... not returned")."""
+    factor each call (once a Dynamo crash or "marked as dirty ... not returned"). Where PyTorch cannot compile the
+    same pattern without pi_kernels, the test says so instead of blaming the op."""
+    if not pytorch_compiles_inplace_on_a_view_after_a_graph_break(backend, device):
+        pytest.xfail(f"torch {torch.__version__} with {backend} fails on an in-place copy into a view after a graph "
+                     f"break, without pi_kernels")
 
     def step(x, scaling_factor):
         qkv = x * 1.0
