@@ -114,11 +114,17 @@ def test_triton_stores_are_128_bit_on_the_contiguous_path(report):
 QKV_TMA_BOTH = ("qkv bf16 d128", "qkv bf16 d128 varlen ids bias")
 
 
-def test_qkv_main_loop_loads_through_tma_on_sm90(report):
-    _, metrics = report
+def _qkv_16bit_on_sm90(metrics):
+    """The sm_90 QKV GEMM variants with 16-bit operands (tensor cores; fp32 without tf32 is an FMA loop)."""
     compiled = [m for m in metrics if m["kernel"] == "_qkv_rotary_kernel" and m["arch"] == 90
                 and m["dtype"] in ("bf16", "fp16")]
     assert compiled
+    return compiled
+
+
+def test_qkv_main_loop_loads_through_tma_on_sm90(report):
+    _, metrics = report
+    compiled = _qkv_16bit_on_sm90(metrics)
     for m in compiled:
         # One K loop per head type (q, k, v: _project_head inlined three times).
         loops = m["sass"]["mma_loops"]
@@ -143,12 +149,9 @@ def test_cuda_vector_path_stores_are_128_bit(report):
 
 
 def test_qkv_tiles_use_wgmma_with_n_at_least_64_on_sm90(report):
-    # Attention's tiles: tests/test_attention_budgets.py. 16-bit operands only (fp32 without tf32, torch's default
-    # precision, is an FMA loop: no tensor cores).
+    # Attention's tiles: tests/test_attention_budgets.py.
     _, metrics = report
-    compiled = [m for m in metrics if m["kernel"] == "_qkv_rotary_kernel" and m["arch"] == 90
-                and m["dtype"] in ("bf16", "fp16")]
-    assert compiled
+    compiled = _qkv_16bit_on_sm90(metrics)
     for m in compiled:
         shapes = [re.fullmatch(r"HGMMA\.64x(\d+)x\d+", name) for name in m["sass"]["mma"]]
         assert shapes and all(shapes), f"{_where(m)}: tensor-core instructions {m['sass']['mma']}, not HGMMA"
