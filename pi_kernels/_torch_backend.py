@@ -15,8 +15,8 @@ This is not :mod:`pi_kernels.reference` (the independent float64 oracle the test
 
 import torch
 
+from ._angles import TWO_PI_HI, TWO_PI_LO
 from ._validation import POSITIONS_ARANGE, POSITIONS_OFFSETS
-from .ops._rope import TWO_PI_HI, TWO_PI_LO
 
 __all__ = ["attention_backward", "attention_forward", "kv_cache_append", "qkv_proj", "rope_cos_sin", "rotary",
            "rotary_embedding", "token_positions"]

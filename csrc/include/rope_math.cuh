@@ -23,7 +23,7 @@
 
 namespace pi_kernels {
 
-// 2π = kTwoPiHi + kTwoPiLo, kTwoPiHi exact in float32 (the constants of _rope.py).
+// 2π = kTwoPiHi + kTwoPiLo, kTwoPiHi exact in float32 (the constants of pi_kernels/_angles.py).
 constexpr double kTwoPiHi = 6.2831854820251465;
 constexpr double kTwoPiLo = -1.7484556025237907e-07;
 

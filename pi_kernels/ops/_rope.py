@@ -20,13 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._angles import TWO_PI_HI, TWO_PI_LO
 from .._validation import check_frequencies
 from ..scaling import rope_inv_freq
 
-# 2π = TWO_PI_HI + TWO_PI_LO with TWO_PI_HI exact in float32, so the constants mean the same whether Triton
-# materializes them as float32 or float64. The torch backend uses the same split.
-TWO_PI_HI = 6.2831854820251465
-TWO_PI_LO = -1.7484556025237907e-07
+# The 2π split of _angles.py (shared with the torch backend) as constexprs a kernel may read.
 _TWO_PI_HI = tl.constexpr(TWO_PI_HI)
 _TWO_PI_LO = tl.constexpr(TWO_PI_LO)
 
