@@ -25,6 +25,7 @@ import transformers
 
 from pi_kernels import _backend
 from pi_kernels.integrations.transformers import patch_model
+from pi_kernels.ops import rotary
 
 # ~0.43M parameters: 2 layers, hidden 128, 4 query / 2 KV heads of 32, as small as a CPU CI model.
 CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -65,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--attention", action="store_true",
                         help="patch with attention=True (RoPE fused into attention_rotary) instead of rotary only")
     args = parser.parse_args(argv)
-    backend = _backend.resolve_backend("auto", torch.device("cpu"))
+    backend = _backend.resolve_backend("auto", torch.device("cpu"), rotary.LAUNCHERS)
     if backend != "torch":
         raise SystemExit(f"backend='auto' resolves to {backend!r} on CPU here (TRITON_INTERPRET is set?); unset "
                          f"TRITON_INTERPRET to time the torch backend")

@@ -2,29 +2,40 @@
 
 Every op has a Triton implementation and a plain-PyTorch one (:mod:`pi_kernels._torch_backend`); the rotary and
 inference ops also have CUDA-extension kernels (:mod:`pi_kernels._cuda`). All take the same arguments, so an op
-runs a backend by looking its launcher up by name.
+runs a backend by looking its launcher up by name, in the op's ``LAUNCHERS`` table: the keys of that table are the
+one statement of which backends the op has, and :func:`resolve_backend` reads them.
 
 ``"auto"`` picks, for GPU tensors, the CUDA extension where the op has one and it is built, else Triton; for CPU
 tensors, the torch backend, unless ``TRITON_INTERPRET=1`` is set (Triton's interpreter then runs the kernels on the
 CPU, which is what the tests check).
 """
 
-from . import _cuda
-from .ops import _interpreting
+import os
 
-__all__ = ["BACKENDS", "ALL_BACKENDS", "NO_CUDA", "resolve_backend"]
+from . import _cuda
+
+__all__ = ["BACKENDS", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
-ALL_BACKENDS = ("triton", "cuda", "torch")
-NO_CUDA = ("triton", "torch")  # ops without kernels in the CUDA extension
 
 
-def resolve_backend(backend, device, implemented=ALL_BACKENDS):
+def _interpreting():
+    """Whether Triton kernels run under its interpreter (``TRITON_INTERPRET=1``, a machine without a GPU).
+
+    The ops import this function by name (their GPU or interpreter branches); :func:`resolve_backend` reads it
+    through this module, so ``tests/gpu_compile_check.py`` can replace it here alone to make the backend choice
+    Triton's for CPU tensors while the ops keep their GPU branches.
+    """
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend, device, launchers):
     """The backend that runs (``"triton"``, ``"cuda"`` or ``"torch"``) for a requested one and the inputs' device.
 
-    ``implemented`` lists the backends the op has; a request for another, or for one that cannot run on
-    ``device``, raises with what to do instead.
+    ``launchers`` is the op's launcher table (``LAUNCHERS``), keyed by the backends it has; a request for another,
+    or for one that cannot run on ``device``, raises with what to do instead.
     """
+    implemented = tuple(launchers)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

@@ -29,6 +29,7 @@ import pi_kernels
 from pi_kernels import _backend, _cuda, inference
 from pi_kernels._positions import POSITIONS_ARANGE, PositionSpec
 from pi_kernels.ops._rope import turns_table
+from pi_kernels.ops.rotary import LAUNCHERS as ROTARY_LAUNCHERS
 from pi_kernels.reference import (
     rotary_angles,
     rotary_embedding_reference,
@@ -537,9 +538,9 @@ def test_out_of_range_indices_are_masked_in_kernel(device, cuda_backend):
 
 def test_backend_choice(device):
     """Auto takes CUDA only for GPU inputs with the extension; asking for a missing CUDA backend says how to build."""
-    assert _backend.resolve_backend("triton", device) == "triton"
+    assert _backend.resolve_backend("triton", device, ROTARY_LAUNCHERS) == "triton"
     expected_auto = "cuda" if device.type == "cuda" and _cuda.available() else "triton"
-    assert _backend.resolve_backend("auto", device) == expected_auto
+    assert _backend.resolve_backend("auto", device, ROTARY_LAUNCHERS) == expected_auto
     with pytest.raises(ValueError, match="backend must be one of"):
         pi_kernels.rotary_interp(*make_qk("bshd", device, torch.float32), backend="cutlass")
     if not _cuda.available():
@@ -553,7 +554,7 @@ def test_backend_choice(device):
                                              torch.zeros(1, dtype=torch.int64, device=device), backend="cuda")
     elif device.type == "cpu":
         with pytest.raises(ValueError, match="needs tensors on a CUDA device"):
-            _backend.resolve_backend("cuda", device)
+            _backend.resolve_backend("cuda", device, ROTARY_LAUNCHERS)
 
 
 def test_int64_offsets_past_2_31_elements(device, cuda_backend):

@@ -14,7 +14,7 @@ Design
    the probabilities. Nothing of size seq_q × seq_k is ever stored. The core knows nothing of RoPE, so its inner
    loops are the same with and without rotation: rotating a K tile inside every query-tile program, as an earlier
    design did, doubled the instructions per K tile on sm_90 (benchmarks/NOTES.md has the figures). It is the
-   dispatch point of backends: ``_CORE_BACKENDS`` maps a backend name to its (forward, backward).
+   dispatch point of backends: ``LAUNCHERS`` maps a backend name to its (forward, backward).
 3. **Backward**: the core's backward gives dq and dk with respect to the rotated q and k (saved by the forward
    instead of the inputs: the same memory); the rotation pass with ``conjugate=True`` (rotation by −angle, the
    transpose of the forward rotation) turns them into gradients of the un-rotated inputs.
@@ -45,8 +45,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend, _torch_backend
 from .. import _validation as validation
+from .._backend import _interpreting
 from .._positions import POSITIONS_ARANGE, POSITIONS_OFFSETS, PositionSpec
-from . import _interpreting
 from ._rope import turns_table
 from .attention_kernels import (
     LOG2E,
@@ -87,7 +87,7 @@ class CoreArgs(NamedTuple):
     max_seqlen_k: int | None
     causal: bool
     softmax_scale: float
-    backend: str               # a key of _CORE_BACKENDS
+    backend: str               # a key of LAUNCHERS
 
 
 _SCHEMA_TYPES = {int: "SymInt", int | None: "SymInt?", float: "float", bool: "bool", str: "str"}
@@ -396,16 +396,17 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     return dq, dk, dv
 
 
-# Backend name -> (forward, backward) of the core, with the signatures of attention_forward / attention_backward.
-_CORE_BACKENDS = {"triton": (attention_forward, attention_backward),
-                  "torch": (_torch_backend.attention_forward, _torch_backend.attention_backward)}
+# Backend name -> (forward, backward) of the core, with the signatures of attention_forward / attention_backward;
+# its keys are the backends this op has (no CUDA-extension kernel), which _backend.resolve_backend reads.
+LAUNCHERS = {"triton": (attention_forward, attention_backward),
+             "torch": (_torch_backend.attention_forward, _torch_backend.attention_backward)}
 
 
 def _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values):
     """(cu_seqlens_k, core with int max_seqlen_*), after the synchronizing checks of cu_seqlens when
     ``check_values`` (the forward; the backward sees the same tensors)."""
-    if core.backend not in _CORE_BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(_CORE_BACKENDS)}, got {core.backend!r}")
+    if core.backend not in LAUNCHERS:
+        raise ValueError(f"backend must be one of {sorted(LAUNCHERS)}, got {core.backend!r}")
     validation.check_positive_real(core.softmax_scale, "softmax_scale")  # symbolic while compiling: checked here
     if cu_seqlens_q is None:
         return None, core._replace(max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1])
@@ -432,7 +433,7 @@ _CORE_BACKWARD_OP = _define_op("attention_core_backward", "Tensor grad_out, Tens
 @torch.library.impl(_CORE_OP, "CompositeExplicitAutograd")
 def _core_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *settings):
     cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, CoreArgs(*settings), check_values=True)
-    forward, _ = _CORE_BACKENDS[core.backend]
+    forward, _ = LAUNCHERS[core.backend]
     return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core)
 
 
@@ -445,7 +446,7 @@ def _core_op_fake(q, k, v, cu_seqlens_q, *args):
 @torch.library.impl(_CORE_BACKWARD_OP, "CompositeExplicitAutograd")
 def _core_backward_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *settings):
     cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, CoreArgs(*settings), check_values=False)
-    _, backward = _CORE_BACKENDS[core.backend]
+    _, backward = LAUNCHERS[core.backend]
     return backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, core)
 
 
@@ -649,7 +650,7 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
         q_spec = validation.resolve_positions(positions, q.shape[0], q.shape[1], q.device)
     k_spec = _resolve_key_positions(q, k, positions, k_positions, q_spec, rotate_q, rotate_k, same_tokens, varlen,
                                     cu_seqlens_k, max_seqlen_k)
-    backend = _backend.resolve_backend(backend, q.device, _backend.NO_CUDA)
+    backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
     rotation = RotationArgs(q_spec.mode, q_spec.offset, positions is None, k_spec.mode, k_spec.offset, float(base),
                             float(scaling_factor), rotary_dim, bool(interleaved), bool(rotate_q), bool(rotate_k),
                             backend)

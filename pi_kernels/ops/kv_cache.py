@@ -156,7 +156,8 @@ def _check_distinct_slots(slot_mapping):
                          f"more than once")
 
 
-# The launcher of each backend, all with launch_cache_append's arguments.
+# The launcher of each backend, all with launch_cache_append's arguments; its keys are the backends this op has,
+# which _backend.resolve_backend reads.
 LAUNCHERS = {"triton": launch_cache_append, "cuda": _cuda.kv_cache_append, "torch": _torch_backend.kv_cache_append}
 
 
@@ -345,7 +346,7 @@ def rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_seqlens, *, position
         spec = PositionSpec(POSITIONS_OFFSETS, cache_seqlens)
     else:
         spec = validation.resolve_positions(positions, batch, new, q.device)
-    backend = _backend.resolve_backend(backend, q.device)
+    backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
     return _append(q, k, v, k_cache, v_cache, cache_seqlens, spec, inv_freq, base, scaling_factor, rotary_dim,
                    interleaved, False, "nhd", backend)
 
@@ -406,7 +407,7 @@ def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positi
     _check_index(positions, "positions", num_tokens, q.device)
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
-    backend = _backend.resolve_backend(backend, q.device)
+    backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
     return _append(q, k, v, k_cache, v_cache, slot_mapping, PositionSpec(POSITIONS_IDS, positions), inv_freq, base,
                    scaling_factor, rotary_dim, interleaved, True, kv_layout, backend)
 

@@ -34,8 +34,9 @@ import triton.language as tl
 
 from .. import _backend, _torch_backend
 from .. import _validation as v
+from .._backend import _interpreting
 from .._positions import PositionSpec, position_pointer_and_strides
-from . import _interpreting, attention
+from . import attention
 from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
 from .attention import _ensure_scratch_allocator
 from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
@@ -377,8 +378,9 @@ def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim
     )
 
 
-# The forward launcher of each backend (no CUDA-extension kernel for this op), all with _launch_forward's arguments.
-_FORWARD_LAUNCHERS = {"triton": _launch_forward, "torch": _torch_backend.qkv_proj}
+# The forward launcher of each backend, all with _launch_forward's arguments; its keys are the backends this op has
+# (no CUDA-extension kernel), which _backend.resolve_backend reads.
+LAUNCHERS = {"triton": _launch_forward, "torch": _torch_backend.qkv_proj}
 
 
 def _output_shapes(x, weights, num_heads, num_kv_heads, head_dim):
@@ -408,7 +410,7 @@ def qkv_proj_forward(x, weights, biases, positions, position_mode, position_offs
     split_weights, split_biases = _split_heads(weights, biases, num_heads, num_kv_heads, head_dim)
     turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
     spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    _FORWARD_LAUNCHERS[backend](x3, split_weights, split_biases, [_as_bshd(out) for out in outs], spec, cu_seqlens,
+    LAUNCHERS[backend](x3, split_weights, split_biases, [_as_bshd(out) for out in outs], spec, cu_seqlens,
                                 turns, head_dim, rotary_dim, interleaved)
     return outs
 
@@ -644,7 +646,7 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
             raise ValueError(f"cu_seqlens is only valid with packed x of shape (tokens, hidden), got x of shape "
                              f"{tuple(x.shape)}")
         spec = v.resolve_positions(positions, x.shape[0], x.shape[1], x.device)
-    backend = _backend.resolve_backend(backend, x.device, _backend.NO_CUDA)
+    backend = _backend.resolve_backend(backend, x.device, LAUNCHERS)
     padding = [None] * (3 - len(weights))
     bias_args = biases + [None] * (3 - len(biases))
     return QKVProjRotaryFunction.apply(x, *weights, *padding, *bias_args, *spec.op_args(),

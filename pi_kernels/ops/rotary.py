@@ -171,7 +171,8 @@ def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary
     )
 
 
-# The rotary launcher of each backend; all take the arguments of launch_rotary_kernel.
+# The rotary launcher of each backend; all take the arguments of launch_rotary_kernel. Its keys are the backends
+# this op has, which _backend.resolve_backend reads.
 LAUNCHERS = {"triton": launch_rotary_kernel, "cuda": _cuda.rotary, "torch": _torch_backend.rotary}
 
 
@@ -338,7 +339,7 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
         if cu_seqlens is not None or max_seqlen is not None:
             raise ValueError(f"cu_seqlens and max_seqlen are only valid with layout='thd', got layout={layout!r}")
         spec = v.resolve_positions(positions, q4.shape[0], q4.shape[1], q.device)
-    backend = _backend.resolve_backend(backend, q.device)
+    backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
     if inplace:
         v.check_no_overlap((("q", q), ("k", k)))
     args = (*spec.op_args(), cu_seqlens, max_seqlen, inv_freq, base, scaling_factor, rotary_dim, bool(interleaved),

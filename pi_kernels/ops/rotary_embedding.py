@@ -172,7 +172,8 @@ def _vllm_views(positions, query, key, head_size):
     return query4, query4[:, :, :0] if key is None else heads_view(key), flat
 
 
-# The launcher of each backend, all with launch_rotary_embedding's arguments.
+# The launcher of each backend, all with launch_rotary_embedding's arguments; its keys are the backends this op
+# has, which _backend.resolve_backend reads.
 LAUNCHERS = {"triton": launch_rotary_embedding, "cuda": _cuda.rotary_embedding,
              "torch": _torch_backend.rotary_embedding}
 
@@ -317,7 +318,7 @@ def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox=Tr
         raise ValueError(f"cos_sin_cache is on {cos_sin_cache.device} but query is on {query.device}")
     if cos_sin_cache.requires_grad and torch.is_grad_enabled():
         raise ValueError("cos_sin_cache requires grad, but no gradient flows to it; pass cos_sin_cache.detach()")
-    backend = _backend.resolve_backend(backend, query.device)
+    backend = _backend.resolve_backend(backend, query.device, LAUNCHERS)
     _rotate(positions, query, key, int(head_size), cos_sin_cache, None, 0.0, 1.0, rot_dim, bool(is_neox), backend)
 
 
@@ -354,6 +355,6 @@ def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None
     _check_vllm_inputs(positions, query, key, head_size)
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_size)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
-    backend = _backend.resolve_backend(backend, query.device)
+    backend = _backend.resolve_backend(backend, query.device, LAUNCHERS)
     _rotate(positions, query, key, int(head_size), None, inv_freq, float(base), float(scaling_factor), rotary_dim,
             bool(is_neox), backend)
