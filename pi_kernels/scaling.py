@@ -36,7 +36,11 @@ __all__ = [
 
 # Hugging Face's ``RotaryEmbeddingConfigMixin.default_theta``: the base used when a config names none.
 DEFAULT_ROPE_THETA = 10000.0
+# The one list of rope types this package computes (rope_frequencies); integrations take theirs from it.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
+# Of those, the types whose table depends on the sequence length run at (longrope: short or long factors, from
+# ``seq_len``), which a model patched once with one table cannot follow (integrations.transformers refuses them).
+SEQ_LEN_DEPENDENT_ROPE_TYPES = ("longrope",)
 # Rope types whose pre-training length lives in ``original_max_position_embeddings``.
 _ORIGINAL_LENGTH_TYPES = ("yarn", "llama3", "longrope")
 

@@ -73,7 +73,9 @@ _FAMILIES = {
     "GraniteAttention": _Family(),
 }
 SUPPORTED_ATTENTION_CLASSES = tuple(_FAMILIES)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# scaling's rope types whose table is fixed: patch_model computes one table per model.
+SUPPORTED_ROPE_TYPES = tuple(rope_type for rope_type in scaling.SUPPORTED_ROPE_TYPES
+                             if rope_type not in scaling.SEQ_LEN_DEPENDENT_ROPE_TYPES)
 _PATCH_ATTRIBUTE = "_pi_kernels_patch"
 
 
