@@ -9,9 +9,10 @@ Run from the repository root::
 Providers, all on the same un-rotated q, k, v (bshd, batch · seq = 16k tokens as in flash-attention's benchmarks,
 2048 / head_dim heads, MHA) and random upstream gradients:
 
-* ``pi_kernels``: ``attention_rotary``, the rotation applied to the tiles in registers.
-* ``pi_kernels-norope``: the same kernel with ``rotate_q=False, rotate_k=False``: its inputs stand for q and k
-  already rotated. The baseline of the RoPE-cost target; checked against plain (un-rotated) attention.
+* ``pi_kernels``: ``attention_rotary``, a rotation pass over q and k (the rotary kernel), then the flash-attention
+  core on the rotated q and k (``pi_kernels/ops/attention.py``).
+* ``pi_kernels-norope``: the same op with ``rotate_q=False, rotate_k=False`` (the core alone): its inputs stand for
+  q and k already rotated. The baseline of the RoPE-cost target; checked against plain (un-rotated) attention.
 * ``rotary_interp+pi_kernels-norope``: ``rotary_interp`` then the kernel without RoPE (the unfused alternative).
 * ``rotary_interp+sdpa-{flash,cudnn,efficient}``: ``rotary_interp``, then ``scaled_dot_product_attention``
   restricted to one backend; ``eager+sdpa-*``: the same after the eager reference rotation (float64 angles).
@@ -35,14 +36,18 @@ from typing import Any
 import torch
 
 try:
-    from benchmarks import harness
+    from benchmarks import cli, harness, peers, report, timing
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
+    import cli
     import harness
+    import peers
+    import report
+    import timing
 
 OP = "attention_rotary"
 SCALING_FACTOR = 4.0
 BASE = 10000.0
-DTYPES = {name: harness.DTYPES[name] for name in ("bf16", "fp16")}
+DTYPES = {name: cli.DTYPES[name] for name in ("bf16", "fp16")}
 FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # backward: five GEMMs to the forward's two
 # Relative-norm error against float64: a few times an attention's own rounding in the dtype (eager bf16 attention
 # is ~5e-3 from float64, fp16 ~7e-4), far below the O(1) error of a wrong rotation, mask or scale.
@@ -80,7 +85,7 @@ GPU_FAMILIES = (
 CPU_FAMILIES = (Family("tiny-d32", 2, 32, (64,), (64,), 64),)
 
 
-CPU_BUDGET = harness.Budget(0.0, 0.0, 1)
+CPU_BUDGET = timing.Budget(0.0, 0.0, 1)
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -131,31 +136,26 @@ def _build_eager_then(attend: AttnFn) -> AttnFn:
     return fwd
 
 
-@dataclass(frozen=True)
-class Provider:
-    name: str
-    build: Callable[[bool], AttnFn]  # causal -> attention on un-rotated bshd q, k, v
-    rotates: bool                    # computes RoPE + attention (False: plain attention of its inputs)
-    note: str
-    needs_cuda: bool = False
-
-
-def _sdpa_providers(backend: str, needs_cuda: bool) -> list[Provider]:
+def _sdpa_providers(backend: str, needs_cuda: bool) -> list[peers.Provider]:
     return [
-        Provider(f"rotary_interp+sdpa-{backend}", lambda c: _build_rotary_interp_then(_sdpa(backend, c)), True,
-                 f"rotary_interp, then SDPA ({backend} backend only)", needs_cuda),
-        Provider(f"eager+sdpa-{backend}", lambda c: _build_eager_then(_sdpa(backend, c)), True,
-                 f"eager reference rotation, then SDPA ({backend} backend only)", needs_cuda),
+        peers.Provider(f"rotary_interp+sdpa-{backend}", lambda c: _build_rotary_interp_then(_sdpa(backend, c)),
+                       f"rotary_interp, then SDPA ({backend} backend only)", peer="torch", needs_cuda=needs_cuda),
+        peers.Provider(f"eager+sdpa-{backend}", lambda c: _build_eager_then(_sdpa(backend, c)),
+                       f"eager reference rotation, then SDPA ({backend} backend only)", peer="torch",
+                       needs_cuda=needs_cuda),
     ]
 
 
+# A provider's build(causal) returns attention on un-rotated bshd q, k, v; rotates=False: plain attention of its
+# inputs (checked against the reference without RoPE).
 PROVIDERS = {
     p.name: p
     for p in (
-        Provider("pi_kernels", _build_pi_kernels, True, "attention_rotary: RoPE on the tiles in registers"),
-        Provider("pi_kernels-norope", _build_norope, False, "the same kernel, rotate_q=rotate_k=False"),
-        Provider("rotary_interp+pi_kernels-norope", lambda c: _build_rotary_interp_then(_build_norope(c)), True,
-                 "rotary_interp, then the kernel without RoPE"),
+        peers.Provider("pi_kernels", _build_pi_kernels,
+                       "attention_rotary: a rotation pass of q and k, then the flash-attention core"),
+        peers.Provider("pi_kernels-norope", _build_norope, "the same kernel, rotate_q=rotate_k=False", rotates=False),
+        peers.Provider("rotary_interp+pi_kernels-norope", lambda c: _build_rotary_interp_then(_build_norope(c)),
+                       "rotary_interp, then the kernel without RoPE"),
         *_sdpa_providers("flash", True),
         *_sdpa_providers("cudnn", True),
         *_sdpa_providers("efficient", True),
@@ -169,7 +169,7 @@ CPU_DEFAULT_PROVIDERS = ["pi_kernels", "pi_kernels-norope", "rotary_interp+pi_ke
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = harness.bench_parser(
+    parser = cli.bench_parser(
         "benchmarks.bench_attention",
         __doc__,
         providers=list(PROVIDERS),
@@ -177,12 +177,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         dtypes=list(DTYPES),
         dtype_default=("bf16",),
     )
-    parser.add_argument("--causal", type=harness.csv_choices(["true", "false"]),
+    parser.add_argument("--causal", type=cli.csv_choices(["true", "false"]),
                         help="true,false on a GPU; true without one")
     return parser.parse_args(argv)
 
 
-def parity(fwd: AttnFn, provider: Provider, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def parity(fwd: AttnFn, provider: peers.Provider, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            grad_out: torch.Tensor, causal: bool, modes: Sequence[str]) -> dict[str, float | None]:
     """Relative errors per mode against the float64 reference (None: not checked at this size)."""
     from pi_kernels.reference import attention_rotary_reference
@@ -239,7 +239,8 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _row(family: Family, provider: Provider, mode: str, dtype_name: str, seq: int, causal: bool) -> dict[str, Any]:
+def _row(family: Family, provider: peers.Provider, mode: str, dtype_name: str, seq: int,
+         causal: bool) -> dict[str, Any]:
     batch = family.batch(seq)
     flops = 4 * batch * seq * seq * family.n_heads * family.head_dim * (0.5 if causal else 1.0)
     return {
@@ -251,9 +252,9 @@ def _row(family: Family, provider: Provider, mode: str, dtype_name: str, seq: in
     }
 
 
-def _run_provider(provider: Provider, family: Family, seq: int, dtype_name: str, causal: bool,
+def _run_provider(provider: peers.Provider, family: Family, seq: int, dtype_name: str, causal: bool,
                   modes: Sequence[str], tensors: tuple[torch.Tensor, ...], *, device: torch.device,
-                  budget: harness.Budget) -> list[dict[str, Any]]:
+                  budget: timing.Budget) -> list[dict[str, Any]]:
     """Check and time one provider in every mode on ``tensors`` (q, k, v, upstream gradient)."""
     rows = [_row(family, provider, mode, dtype_name, seq, causal) for mode in modes]
     try:
@@ -275,7 +276,7 @@ def _run_provider(provider: Provider, family: Family, seq: int, dtype_name: str,
 
     for row in rows:
         mode = row["mode"]
-        timing = harness.check_then_time(
+        measured = harness.check_then_time(
             row,
             check=lambda mode=mode: check(mode),
             tol=PARITY_TOL[DTYPES[dtype_name]],
@@ -285,13 +286,13 @@ def _run_provider(provider: Provider, family: Family, seq: int, dtype_name: str,
         )
         if row["parity"] is None and row["status"] == "ok":
             row["note"] = f"{provider.note}; backward parity checked up to {PARITY_BWD_MAX_TOKENS} tokens only"
-        if timing is not None:
-            row["tflops"] = row["flops"] / (timing.median_ms * 1e-3) / 1e12
+        if measured is not None:
+            row["tflops"] = row["flops"] / (measured.median_ms * 1e-3) / 1e12
     return rows
 
 
 def run_group(family: Family, seqs: Sequence[int], dtype_name: str, causal: bool, modes: Sequence[str],
-              providers: Sequence[Provider], *, device: torch.device, budget: harness.Budget,
+              providers: Sequence[peers.Provider], *, device: torch.device, budget: timing.Budget,
               on_gpu: bool) -> list[dict[str, Any]]:
     """Check and time every (length, mode, provider) cell of one family, dtype and mask; return the rows."""
     dtype = DTYPES[dtype_name]
@@ -351,13 +352,13 @@ TABLE_COLUMNS = (
     ("batch", "batch", "d"),
     ("mode", "mode"),
     ("provider", "provider"),
-    *harness.TIMING_COLUMNS,
+    *report.TIMING_COLUMNS,
     ("tflops", "TFLOP/s", ".1f"),
     ("peak_mib", "peak MiB", ".0f"),
     ("rope_cost", "/norope", ".3f"),
     ("vs_best_sdpa", "vs sdpa", ".2f"),
     ("target", "target"),
-    *harness.CHECK_COLUMNS,
+    *report.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
     ("family", "family"),
@@ -384,10 +385,10 @@ def memory_scaling(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _summary(csv_path, latest) -> str:
     """The README table: pi_kernels and its no-RoPE variant at 16k and the largest length of each group."""
     largest = {(r["family"], r["dtype"], r["causal"]): r["tokens"]
-               for r in harness.largest_rows(latest, ("family", "dtype", "causal"))}
+               for r in report.largest_rows(latest, ("family", "dtype", "causal"))}
     rows = [r for r in latest if r["provider"] in ("pi_kernels", "pi_kernels-norope")
             and int(r["tokens"]) in (int(largest[(r["family"], r["dtype"], r["causal"])]), 16384)]
-    return harness.format_table(rows, SUMMARY_COLUMNS, markdown=True)
+    return report.format_table(rows, SUMMARY_COLUMNS, markdown=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,10 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         OP, "attention", args, gpu_families=GPU_FAMILIES, cpu_families=CPU_FAMILIES, cpu_budget=CPU_BUDGET
     )
     names = args.providers or (GPU_DEFAULT_PROVIDERS if run.on_gpu else CPU_DEFAULT_PROVIDERS)
-    providers = [PROVIDERS[name] for name in names if run.on_gpu or not PROVIDERS[name].needs_cuda]
-    skipped = [name for name in names if not run.on_gpu and PROVIDERS[name].needs_cuda]
+    providers = [PROVIDERS[name] for name in names if PROVIDERS[name].unavailable(run.on_gpu) is None]
+    skipped = [name for name in names if PROVIDERS[name].unavailable(run.on_gpu) is not None]
     causal_values = [c == "true" for c in (args.causal or (["true", "false"] if run.on_gpu else ["true"]))]
-    ceiling = harness.matmul_tflops(run.device) if run.on_gpu else None
+    ceiling = timing.matmul_tflops(run.device) if run.on_gpu else None
     if ceiling is not None:
         print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s (8192^3)", flush=True)
     print(f"scaling_factor {SCALING_FACTOR}, base {BASE}, rotate-half, MHA, bshd; providers: "

@@ -21,6 +21,7 @@ counted). Target (GPU): fused faster than separate on the same backend.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,19 +29,23 @@ from typing import Any
 import torch
 
 try:
-    from benchmarks import harness
+    from benchmarks import cli, harness, peers, report, timing
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
+    import cli
     import harness
+    import peers
+    import report
+    import timing
 
 OP = "rotary_kv_cache_append"
 SCALING_FACTOR = 4.0
 BASE = 10000.0
-DTYPES = harness.DTYPES
+DTYPES = cli.DTYPES
 # As in bench_rotary: well above a correct op's rounding in each dtype, far below the error of wrong math.
 PARITY_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 BLOCK_SIZE = 16  # tokens per block of the paged cache
 BACKENDS = ("triton", "cuda")
-CPU_BUDGET = harness.Budget(0.0, 10.0)
+CPU_BUDGET = timing.Budget(0.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,11 @@ TABLE_COLUMNS = (
     ("tokens", "tokens", "d"),
     ("dtype", "dtype"),
     ("provider", "provider"),
-    *harness.TIMING_COLUMNS,
+    *report.TIMING_COLUMNS,
     ("gbs", "GB/s", ".1f"),
     ("frac_ceiling", "/copy", ".2f"),
     ("target", "fused<sep"),
-    *harness.CHECK_COLUMNS,
+    *report.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
     ("family", "case"),
@@ -92,7 +97,7 @@ SUMMARY_COLUMNS = (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = harness.bench_parser(
+    parser = cli.bench_parser(
         "benchmarks.bench_kv_cache",
         __doc__,
         providers=None,
@@ -103,7 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         sizes=False,
     )
     parser.add_argument(
-        "--backends", type=harness.csv_choices(BACKENDS), help="triton,cuda (default: those available here)"
+        "--backends", type=cli.csv_choices(BACKENDS), help="triton,cuda (default: those available here)"
     )
     return parser.parse_args(argv)
 
@@ -136,54 +141,54 @@ def cache_inputs(case: CacheCase, dtype: torch.dtype, device: torch.device) -> d
     return tensors
 
 
-def providers_for(case: CacheCase, t: dict[str, torch.Tensor], backends: Sequence[str]) -> dict[str, Callable]:
-    """Per backend: the fused op, and rotary_interp followed by index copies of k and v into the cache."""
-    from pi_kernels import rotary_interp, rotary_kv_cache_append, rotary_paged_kv_cache_append
+def _build_fused(case: CacheCase, t: dict[str, torch.Tensor], backend: str) -> Callable[[], torch.Tensor]:
+    """The fused op: one launch rotates q and the new k and writes k and v into the cache; returns q_out."""
+    from pi_kernels import rotary_kv_cache_append, rotary_paged_kv_cache_append
 
-    options = {"scaling_factor": SCALING_FACTOR, "base": BASE}
-    providers: dict[str, Callable] = {}
-    for backend in backends:
-        if case.paged:
-            k_flat, v_flat = t["k_cache"].flatten(0, 1), t["v_cache"].flatten(0, 1)
+    options = {"scaling_factor": SCALING_FACTOR, "base": BASE, "backend": backend}
+    if case.paged:
+        return lambda: rotary_paged_kv_cache_append(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"],
+                                                    t["slot_mapping"], t["positions"], **options)
+    return lambda: rotary_kv_cache_append(t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], t["cache_seqlens"],
+                                          **options)
 
-            def fused(backend=backend):
-                return rotary_paged_kv_cache_append(
-                    t["q"],
-                    t["k"],
-                    t["v"],
-                    t["k_cache"],
-                    t["v_cache"],
-                    t["slot_mapping"],
-                    t["positions"],
-                    backend=backend,
-                    **options,
-                )
 
-            def separate(backend=backend, k_flat=k_flat, v_flat=v_flat):
-                q_out, k_out = rotary_interp(
-                    t["q"][None], t["k"][None], t["positions"][None], backend=backend, **options
-                )
-                k_flat[t["slot_mapping"]] = k_out[0]
-                v_flat[t["slot_mapping"]] = t["v"]
-                return q_out[0]
-        else:
-            index = t["cache_seqlens"][:, None] + torch.arange(case.new, device=t["q"].device)
-            rows = torch.arange(case.batch, device=index.device)[:, None].expand_as(index)
+def _build_separate(case: CacheCase, t: dict[str, torch.Tensor], backend: str) -> Callable[[], torch.Tensor]:
+    """rotary_interp on q and k, then index copies of k and v into the cache; returns q_out."""
+    from pi_kernels import rotary_interp
 
-            def fused(backend=backend):
-                return rotary_kv_cache_append(
-                    t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], t["cache_seqlens"], backend=backend, **options
-                )
+    options = {"scaling_factor": SCALING_FACTOR, "base": BASE, "backend": backend}
+    if case.paged:
+        k_flat, v_flat = t["k_cache"].flatten(0, 1), t["v_cache"].flatten(0, 1)
 
-            def separate(backend=backend, index=index, rows=rows):
-                q_out, k_out = rotary_interp(t["q"], t["k"], t["cache_seqlens"], backend=backend, **options)
-                t["k_cache"][rows, index] = k_out
-                t["v_cache"][rows, index] = t["v"]
-                return q_out
+        def separate():
+            q_out, k_out = rotary_interp(t["q"][None], t["k"][None], t["positions"][None], **options)
+            k_flat[t["slot_mapping"]] = k_out[0]
+            v_flat[t["slot_mapping"]] = t["v"]
+            return q_out[0]
+    else:
+        index = t["cache_seqlens"][:, None] + torch.arange(case.new, device=t["q"].device)
+        rows = torch.arange(case.batch, device=index.device)[:, None].expand_as(index)
 
-        providers[f"fused-{backend}"] = fused
-        providers[f"separate-{backend}"] = separate
-    return providers
+        def separate():
+            q_out, k_out = rotary_interp(t["q"], t["k"], t["cache_seqlens"], **options)
+            t["k_cache"][rows, index] = k_out
+            t["v_cache"][rows, index] = t["v"]
+            return q_out
+    return separate
+
+
+# Per backend, the fused op and the separate rotary + copies; build(case, tensors) returns the call to time.
+PROVIDERS = {
+    p.name: p
+    for backend in BACKENDS
+    for p in (
+        peers.Provider(f"fused-{backend}", functools.partial(_build_fused, backend=backend),
+                       requires="pi_kernels._C" if backend == "cuda" else None, needs_cuda=backend == "cuda"),
+        peers.Provider(f"separate-{backend}", functools.partial(_build_separate, backend=backend),
+                       requires="pi_kernels._C" if backend == "cuda" else None, needs_cuda=backend == "cuda"),
+    )
+}
 
 
 def parity(case: CacheCase, t: dict[str, torch.Tensor], fn: Callable) -> float:
@@ -205,10 +210,10 @@ def parity(case: CacheCase, t: dict[str, torch.Tensor], fn: Callable) -> float:
     )
 
 
-def _row(case: CacheCase, name: str, dtype_name: str, moved: int, ceiling: float) -> dict[str, Any]:
+def _row(case: CacheCase, provider: peers.Provider, dtype_name: str, moved: int, ceiling: float) -> dict[str, Any]:
     return {
         "op": OP,
-        "provider": name,
+        "provider": provider.name,
         "mode": "fwd",
         "dtype": dtype_name,
         "family": case.name,
@@ -232,7 +237,7 @@ def _row(case: CacheCase, name: str, dtype_name: str, moved: int, ceiling: float
         "parity": None,
         "parity_tol": PARITY_TOL[DTYPES[dtype_name]],
         "status": "ok",
-        "note": "",
+        "note": provider.note,
     }
 
 
@@ -244,17 +249,18 @@ def run_case(
     t = cache_inputs(case, dtype, run.device)
     moved = 2 * sum(t[name].numel() for name in ("q", "k", "v")) * dtype.itemsize
     rows = []
-    for name, fn in providers_for(case, t, backends).items():
-        row = _row(case, name, dtype_name, moved, ceiling)
-        timing = harness.check_then_time(
+    for provider in (PROVIDERS[f"{kind}-{backend}"] for backend in backends for kind in ("fused", "separate")):
+        fn = provider.build(case, t)
+        row = _row(case, provider, dtype_name, moved, ceiling)
+        measured = harness.check_then_time(
             row,
             check=lambda fn=fn: parity(case, t, fn),
             tol=row["parity_tol"],
             make_call=lambda fn=fn: (fn, None),
             budget=run.budget,
         )
-        if timing is not None:
-            gbs = moved / (timing.median_ms * 1e-3) / 1e9
+        if measured is not None:
+            gbs = moved / (measured.median_ms * 1e-3) / 1e9
             row.update(gbs=gbs, frac_ceiling=gbs / ceiling)
         rows.append(row)
     timed = {r["provider"]: r["median_ms"] for r in rows if r["median_ms"] is not None}
@@ -272,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pi_kernels import _cuda
 
     backends = args.backends or ["triton"] + (["cuda"] if run.on_gpu and _cuda.available() else [])
-    ceiling = harness.copy_bandwidth_gbs(run.device, warmup_ms=run.budget.warmup_ms, rep_ms=run.budget.rep_ms)
+    ceiling = timing.copy_bandwidth_gbs(run.device, warmup_ms=run.budget.warmup_ms, rep_ms=run.budget.rep_ms)
     label = "device-to-device copy" if run.on_gpu else "CPU memcpy, NOT a GPU figure"
     print(f"copy ceiling: {ceiling:.1f} GB/s ({label}); backends: {', '.join(backends)}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -290,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args,
         rows,
         key_cols=("family", "dtype", "provider"),
-        summary=lambda csv_path, latest: harness.format_table(latest, SUMMARY_COLUMNS, markdown=True),
+        summary=lambda csv_path, latest: report.format_table(latest, SUMMARY_COLUMNS, markdown=True),
         extra={
             "copy_ceiling_gbs": ceiling,
             "backends": backends,

@@ -32,14 +32,18 @@ from typing import Any
 import torch
 
 try:
-    from benchmarks import harness
+    from benchmarks import cli, harness, peers, report, timing
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
+    import cli
     import harness
+    import peers
+    import report
+    import timing
 
 OP = "qkv_proj_rotary"
 SCALING_FACTOR = 4.0
 BASE = 10000.0
-DTYPES = {name: harness.DTYPES[name] for name in ("bf16", "fp16")}
+DTYPES = {name: cli.DTYPES[name] for name in ("bf16", "fp16")}
 # Relative-norm error against float64: a few units of the dtype's rounding for a correct op (K-long fp32
 # accumulations included), far below the O(1) error of a wrong rotation, split or scaling.
 PARITY_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -75,7 +79,7 @@ CPU_FAMILIES = (
 )
 
 
-CPU_BUDGET = harness.Budget(0.0, 0.0, 2)
+CPU_BUDGET = timing.Budget(0.0, 0.0, 2)
 
 Outputs = Sequence[torch.Tensor]
 FwdFn = Callable[[torch.Tensor, torch.Tensor], Outputs]
@@ -121,28 +125,24 @@ def _build_matmul_eager(family: Family) -> FwdFn:
     return fwd
 
 
-@dataclass(frozen=True)
-class Provider:
-    name: str
-    build: Callable[[Family], FwdFn]
-    same_op: bool  # computes q, k, v (parity checked); False for the bare GEMM baseline
-    note: str
-
-
+# A provider's build(family) returns fwd(x, weight); rotates=False: the bare GEMM, another function than the op's,
+# so it is not parity-checked and its upstream gradient is the unsplit projection's.
 PROVIDERS = {
     p.name: p
     for p in (
-        Provider("pi_kernels", _build_pi_kernels, True, "Triton GEMM + RoPE epilogue; bwd: rotation pass + GEMMs"),
-        Provider("matmul", _build_matmul, False, "F.linear only (no RoPE): the bare GEMMs of the targets"),
-        Provider("matmul+rotary_interp", _build_matmul_rotary_interp, True, "F.linear, then rotary_interp on views"),
-        Provider("matmul+eager", _build_matmul_eager, True, "F.linear, then the eager reference rotation"),
+        peers.Provider("pi_kernels", _build_pi_kernels, "Triton GEMM + RoPE epilogue; bwd: rotation pass + GEMMs"),
+        peers.Provider("matmul", _build_matmul, "F.linear only (no RoPE): the bare GEMMs of the targets",
+                       peer="torch", rotates=False),
+        peers.Provider("matmul+rotary_interp", _build_matmul_rotary_interp, "F.linear, then rotary_interp on views"),
+        peers.Provider("matmul+eager", _build_matmul_eager, "F.linear, then the eager reference rotation",
+                       peer="torch"),
     )
 }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = harness.bench_parser(
+    parser = cli.bench_parser(
         "benchmarks.bench_qkv_proj",
         __doc__,
         providers=list(PROVIDERS),
@@ -194,7 +194,7 @@ def timed_call(
     return (lambda: torch.autograd.backward(fwd(x_in, w_in), list(upstream))), [x_in, w_in]
 
 
-def _row(family: Family, provider: Provider, mode: str, dtype_name: str, n_tokens: int, ceiling: float | None):
+def _row(family: Family, provider: peers.Provider, mode: str, dtype_name: str, n_tokens: int, ceiling: float | None):
     flops = 2 * n_tokens * family.rows * family.hidden * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
     return {
         "op": OP, "provider": provider.name, "mode": mode, "dtype": dtype_name, "family": family.name,
@@ -211,10 +211,10 @@ def run_group(
     tokens: Sequence[int],
     dtype_name: str,
     modes: Sequence[str],
-    providers: Sequence[Provider],
+    providers: Sequence[peers.Provider],
     *,
     device: torch.device,
-    budget: harness.Budget,
+    budget: timing.Budget,
     ceiling_tflops: float | None,
     on_gpu: bool,
 ) -> list[dict[str, Any]]:
@@ -231,9 +231,9 @@ def run_group(
             for heads in (family.n_heads, family.n_kv_heads, family.n_kv_heads)
         ]
         projected_grad = torch.cat([g.flatten(-2) for g in upstream], dim=-1)  # the baseline's upstream gradient
-        ref = reference(family, x, weight, upstream) if any(p.same_op for p in providers) else None
+        ref = reference(family, x, weight, upstream) if any(p.rotates for p in providers) else None
         for p in providers:
-            grads = upstream if p.same_op else [projected_grad]
+            grads = upstream if p.rotates else [projected_grad]
             rows += _run_provider(p, family, n_tokens, dtype_name, modes, (x, weight, grads), ref,
                                   budget=budget, ceiling_tflops=ceiling_tflops)
         _fill_ratios([r for r in rows if r["tokens"] == n_tokens], on_gpu)
@@ -241,9 +241,9 @@ def run_group(
     return rows
 
 
-def _run_provider(provider: Provider, family: Family, n_tokens: int, dtype_name: str, modes: Sequence[str],
+def _run_provider(provider: peers.Provider, family: Family, n_tokens: int, dtype_name: str, modes: Sequence[str],
                   inputs: tuple[torch.Tensor, torch.Tensor, Outputs], ref: Reference | None, *,
-                  budget: harness.Budget, ceiling_tflops: float | None) -> list[dict[str, Any]]:
+                  budget: timing.Budget, ceiling_tflops: float | None) -> list[dict[str, Any]]:
     """Check and time one provider in every mode on ``inputs`` (x, weight, upstream gradients)."""
     rows = [_row(family, provider, mode, dtype_name, n_tokens, ceiling_tflops) for mode in modes]
     try:
@@ -261,15 +261,15 @@ def _run_provider(provider: Provider, family: Family, n_tokens: int, dtype_name:
 
     for row in rows:
         mode = row["mode"]
-        timing = harness.check_then_time(
+        measured = harness.check_then_time(
             row,
-            check=(lambda mode=mode: check(mode)) if provider.same_op else None,
+            check=(lambda mode=mode: check(mode)) if provider.rotates else None,
             tol=PARITY_TOL[DTYPES[dtype_name]],
             make_call=lambda mode=mode: timed_call(fwd, *inputs, mode),
             budget=budget,
         )
-        if timing is not None:
-            row["tflops"] = row["flops"] / (timing.median_ms * 1e-3) / 1e12
+        if measured is not None:
+            row["tflops"] = row["flops"] / (measured.median_ms * 1e-3) / 1e12
     return rows
 
 
@@ -285,12 +285,12 @@ def _fill_ratios(rows: list[dict[str, Any]], on_gpu: bool) -> None:
 
 
 TABLE_COLUMNS = (
-    *harness.CELL_COLUMNS,
-    *harness.TIMING_COLUMNS,
+    *report.CELL_COLUMNS,
+    *report.TIMING_COLUMNS,
     ("tflops", "TFLOP/s", ".1f"),
     ("vs_matmul", "/matmul", ".3f"),
     ("target", "target"),
-    *harness.CHECK_COLUMNS,
+    *report.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
     ("family", "family"),
@@ -307,7 +307,7 @@ SUMMARY_COLUMNS = (
 
 def _summary(csv_path, latest) -> str:
     """The README table: every provider at the largest size of each family and dtype."""
-    return harness.format_table(harness.largest_rows(latest, ("family", "dtype")), SUMMARY_COLUMNS, markdown=True)
+    return report.format_table(report.largest_rows(latest, ("family", "dtype")), SUMMARY_COLUMNS, markdown=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         OP, "qkv_proj", args, gpu_families=GPU_FAMILIES, cpu_families=CPU_FAMILIES, cpu_budget=CPU_BUDGET
     )
     providers = [PROVIDERS[name] for name in (args.providers or list(PROVIDERS))]
-    ceiling = harness.matmul_tflops(run.device) if run.on_gpu else None
+    ceiling = timing.matmul_tflops(run.device) if run.on_gpu else None
     if ceiling is not None:
         print(f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s (8192^3)", flush=True)
     print(f"scaling_factor {SCALING_FACTOR}, base {BASE}, rotate-half, batch 1, fused weight; providers: "

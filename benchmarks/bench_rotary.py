@@ -19,7 +19,6 @@ before measuring are in ``benchmarks/NOTES.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +26,19 @@ from typing import Any
 import torch
 
 try:
-    from benchmarks import harness
+    from benchmarks import cli, harness, peers, report, results_io, timing
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
+    import cli
     import harness
+    import peers
+    import report
+    import results_io
+    import timing
 
 OP = "rotary_interp"
 SCALING_FACTOR = 4.0
 BASE = 10000.0
-DTYPES = harness.DTYPES  # bf16, fp16, fp32
+DTYPES = cli.DTYPES  # bf16, fp16, fp32
 # Well above the rounding noise of a correct implementation in each dtype (a few units of its last place),
 # far below the O(1) error of wrong math (wrong pairing, layout or scaling).
 PARITY_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -75,27 +79,11 @@ CPU_TIMING_FAMILIES = (
 
 
 # Interpreted calls take tens of milliseconds: one warm-up call and three timed ones are all we can afford.
-CPU_BUDGET = harness.Budget(0.0, 10.0)
+CPU_BUDGET = timing.Budget(0.0, 10.0)
 
+# A provider's ``build(seq, head_dim, dtype, device)`` runs outside the timed region (imports, cos/sin caches) and
+# returns ``fwd(q, k) -> (q_out, k_out)`` on bshd tensors.
 FwdFn = Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Provider:
-    """One implementation under test.
-
-    ``build(seq, head_dim, dtype, device)`` runs outside the timed region (imports, cos/sin caches) and
-    returns ``fwd(q, k) -> (q_out, k_out)`` on bshd tensors.
-    """
-
-    name: str
-    module: str | None  # import name of an optional peer; None for this repository's own code
-    dist: str  # distribution whose version is recorded with each row
-    build: Callable[[int, int, torch.dtype, torch.device], FwdFn]
-    backward: bool
-    note: str
-    needs_cuda: bool = False
-    dtypes: tuple[torch.dtype, ...] = tuple(DTYPES.values())
 
 
 def _angles(seq: int, head_dim: int, device: torch.device) -> torch.Tensor:
@@ -201,66 +189,25 @@ def _build_flash_attn(seq: int, head_dim: int, dtype: torch.dtype, device: torch
 PROVIDERS = {
     p.name: p
     for p in (
-        Provider("pi_kernels", None, "pi_kernels", _build_pi_kernels, True, "Triton; angles in-kernel from positions"),
-        Provider(
-            "pi_kernels_cuda",
-            "pi_kernels._C",
-            "pi_kernels",
-            _build_pi_kernels_cuda,
-            True,
-            "CUDA extension (csrc/); angles in-kernel from positions",
-            needs_cuda=True,
-        ),
-        Provider(
-            "pi_kernels_torch",
-            None,
-            "pi_kernels",
-            _build_pi_kernels_torch,
-            True,
-            "backend='torch' (plain PyTorch, what 'auto' runs on CPU); angles from positions per call",
-        ),
-        Provider(
-            "hf",
-            "transformers",
-            "transformers",
-            _build_hf,
-            True,
-            "transformers' apply_rotary_pos_emb; float32 cos/sin from LlamaRotaryEmbedding (linear) precomputed (free)",
-        ),
-        Provider(
-            "eager", None, "torch", _build_eager, True, "pi_kernels.reference in eager PyTorch; fp64 angles per call"
-        ),
-        Provider(
-            "compiled", None, "torch", _build_compiled, True, "torch.compile of the reference; compile time not timed"
-        ),
-        Provider(
-            "liger",
-            "liger_kernel",
-            "liger-kernel",
-            _build_liger,
-            True,
-            "cos/sin cache precomputed (free); in place on q/k and on the upstream grads",
-            needs_cuda=True,
-        ),
-        Provider(
-            "flashinfer",
-            "flashinfer",
-            "flashinfer-python",
-            _build_flashinfer,
-            False,
-            "angles in-kernel (fp32), rope_scale=PI factor; int32 pos_ids precomputed (free); forward only",
-            needs_cuda=True,
-            dtypes=(torch.float16, torch.bfloat16),
-        ),
-        Provider(
-            "flash_attn",
-            "flash_attn",
-            "flash-attn",
-            _build_flash_attn,
-            True,
-            "cos/sin cache precomputed (free); one launch for q, one for k",
-            needs_cuda=True,
-        ),
+        peers.Provider("pi_kernels", _build_pi_kernels, "Triton; angles in-kernel from positions"),
+        peers.Provider("pi_kernels_cuda", _build_pi_kernels_cuda,
+                       "CUDA extension (csrc/); angles in-kernel from positions", requires="pi_kernels._C",
+                       needs_cuda=True),
+        peers.Provider("pi_kernels_torch", _build_pi_kernels_torch,
+                       "backend='torch' (plain PyTorch, what 'auto' runs on CPU); angles from positions per call"),
+        peers.Provider("hf", _build_hf, "transformers' apply_rotary_pos_emb; float32 cos/sin from "
+                       "LlamaRotaryEmbedding (linear) precomputed (free)", peer="transformers"),
+        peers.Provider("eager", _build_eager, "pi_kernels.reference in eager PyTorch; fp64 angles per call",
+                       peer="torch"),
+        peers.Provider("compiled", _build_compiled, "torch.compile of the reference; compile time not timed",
+                       peer="torch"),
+        peers.Provider("liger", _build_liger,
+                       "cos/sin cache precomputed (free); in place on q/k and on the upstream grads", peer="liger"),
+        peers.Provider("flashinfer", _build_flashinfer, "angles in-kernel (fp32), rope_scale=PI factor; int32 "
+                       "pos_ids precomputed (free); forward only", peer="flashinfer", backward=False,
+                       dtypes=("fp16", "bf16")),
+        peers.Provider("flash_attn", _build_flash_attn,
+                       "cos/sin cache precomputed (free); one launch for q, one for k", peer="flash_attn"),
     )
 }
 GPU_DEFAULT_PROVIDERS = ("pi_kernels", "pi_kernels_cuda", "eager", "compiled", "liger", "flashinfer", "flash_attn")
@@ -274,7 +221,7 @@ CPU_COMPILED_SKIP = "not run on CPU by default: inductor's C++ compile takes 30-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = harness.bench_parser(
+    parser = cli.bench_parser(
         "benchmarks.bench_rotary",
         __doc__,
         providers=list(PROVIDERS),
@@ -345,14 +292,14 @@ def _fill_ratios(cell: list[dict[str, Any]]) -> None:
 
 
 def _base_row(
-    provider: Provider, family: Family, n_tokens: int, dtype_name: str, mode: str, ceiling_gbs: float | None
+    provider: peers.Provider, family: Family, n_tokens: int, dtype_name: str, mode: str, ceiling_gbs: float | None
 ) -> dict[str, Any]:
     elements = n_tokens * (family.n_heads + family.n_kv_heads) * family.head_dim  # batch 1
     one_pass = 2 * elements * DTYPES[dtype_name].itemsize  # read q and k once, write q_out and k_out once
     return {
         "op": OP,
         "provider": provider.name,
-        "provider_version": harness.package_version(provider.dist),
+        "provider_version": results_io.package_version(provider.dist),
         "mode": mode,
         "dtype": dtype_name,
         "family": family.name,
@@ -386,7 +333,7 @@ def _check_and_time(
     fwd: FwdFn,
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     *,
-    budget: harness.Budget,
+    budget: timing.Budget,
     ceiling_gbs: float | None,
     on_gpu: bool,
     timed: bool,
@@ -396,16 +343,16 @@ def _check_and_time(
     Without a copy ceiling (``ceiling_gbs`` None: a CPU timing run) no bandwidth is computed.
     """
     mode = row["mode"]
-    timing = harness.check_then_time(
+    measured = harness.check_then_time(
         row,
         check=lambda: parity(fwd, *tensors, mode),
         tol=row["parity_tol"],
         make_call=(lambda: timed_call(fwd, *tensors, mode)) if timed else None,
         budget=budget,
     )
-    if timing is None or ceiling_gbs is None:
+    if measured is None or ceiling_gbs is None:
         return row["status"] == "ok"
-    gbs = row["bytes"] / (timing.median_ms * 1e-3) / 1e9
+    gbs = row["bytes"] / (measured.median_ms * 1e-3) / 1e9
     row.update(gbs=gbs, frac_ceiling=gbs / ceiling_gbs)
     if on_gpu and row["provider"] in TARGET_PROVIDERS and row["elements"] >= TARGET_MIN_ELEMENTS:
         row["target"] = "ok" if gbs / ceiling_gbs >= TARGET_FRACTION else "MISS"
@@ -417,10 +364,10 @@ def run_group(
     tokens: Sequence[int],
     dtype_name: str,
     modes: Sequence[str],
-    providers: Sequence[Provider],
+    providers: Sequence[peers.Provider],
     *,
     device: torch.device,
-    budget: harness.Budget,
+    budget: timing.Budget,
     ceiling_gbs: float | None,
     on_gpu: bool,
     timed: bool = True,
@@ -447,7 +394,7 @@ def run_group(
         )  # q, k and the upstream gradients dq_out, dk_out
         built: dict[str, FwdFn | str] = {}
         for p in providers:
-            if dtype in p.dtypes:
+            if p.supports(dtype_name):
                 try:
                     built[p.name] = p.build(n_tokens, family.head_dim, dtype, device)
                 except Exception as exc:  # noqa: BLE001 - any failure of a peer is reported, not raised
@@ -456,7 +403,7 @@ def run_group(
             cell = [_base_row(p, family, n_tokens, dtype_name, mode, ceiling_gbs) for p in providers]
             for p, row in zip(providers, cell, strict=True):
                 fwd = built.get(p.name)
-                if dtype not in p.dtypes:
+                if not p.supports(dtype_name):
                     row.update(status="unsupported", note=f"{dtype_name} not supported")
                 elif mode != "fwd" and not p.backward:
                     row.update(status="unsupported", note="forward only (no autograd)")
@@ -477,21 +424,21 @@ def run_group(
 
 
 TABLE_COLUMNS = (
-    *harness.CELL_COLUMNS,
-    *harness.TIMING_COLUMNS,
+    *report.CELL_COLUMNS,
+    *report.TIMING_COLUMNS,
     ("gbs", "GB/s", ".1f"),
     ("frac_ceiling", "/copy", ".2f"),
     ("target", "target"),
     ("vs_best_other", "vs best", ".2f"),
     ("best_other", "best other"),
-    *harness.CHECK_COLUMNS,
+    *report.CHECK_COLUMNS,
 )
 # A CPU timing run: no bandwidth, ceiling or target (they describe a GPU), the speed ratio stays.
 CPU_TIMING_TABLE_COLUMNS = tuple(c for c in TABLE_COLUMNS if c[0] not in ("gbs", "frac_ceiling", "target"))
-PARITY_TABLE_COLUMNS = (*harness.CELL_COLUMNS, ("parity_tol", "tol", ".1e"), *harness.CHECK_COLUMNS)
+PARITY_TABLE_COLUMNS = (*report.CELL_COLUMNS, ("parity_tol", "tol", ".1e"), *report.CHECK_COLUMNS)
 
 
-def _resolve_providers(args: argparse.Namespace, run: harness.BenchRun) -> tuple[list[Provider], dict[str, str]]:
+def _resolve_providers(args: argparse.Namespace, run: harness.BenchRun) -> tuple[list[peers.Provider], dict[str, str]]:
     """Providers to run and, for the others, why not."""
     on_gpu = run.on_gpu
     default = GPU_DEFAULT_PROVIDERS if on_gpu else CPU_TIMING_DEFAULT_PROVIDERS if run.cpu_timing else (
@@ -502,18 +449,16 @@ def _resolve_providers(args: argparse.Namespace, run: harness.BenchRun) -> tuple
         skips["compiled"] = CPU_COMPILED_SKIP
     chosen = []
     for name in requested:
-        p = PROVIDERS[name]
-        if p.needs_cuda and not on_gpu:
-            skips[name] = "needs a CUDA GPU"
-        elif p.module is not None and importlib.util.find_spec(p.module) is None:
-            skips[name] = f"not installed (import {p.module})"
+        reason = PROVIDERS[name].unavailable(on_gpu)
+        if reason is None:
+            chosen.append(PROVIDERS[name])
         else:
-            chosen.append(p)
+            skips[name] = reason
     return chosen, skips
 
 
 def _interpreter_parity(
-    args: argparse.Namespace, providers: Sequence[Provider], run: harness.BenchRun
+    args: argparse.Namespace, providers: Sequence[peers.Provider], run: harness.BenchRun
 ) -> list[dict[str, Any]]:
     """Check ``providers`` (Triton kernels) under the interpreter on the tiny shapes, untimed; print and return rows."""
     rows: list[dict[str, Any]] = []
@@ -549,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     providers = [p for p in providers if p not in checked_only]
     ceiling = tflops = None
     if not run.cpu_timing:
-        ceiling = harness.copy_bandwidth_gbs(run.device, warmup_ms=run.budget.warmup_ms, rep_ms=run.budget.rep_ms)
-        tflops = harness.matmul_tflops(run.device) if run.on_gpu else None
+        ceiling = timing.copy_bandwidth_gbs(run.device, warmup_ms=run.budget.warmup_ms, rep_ms=run.budget.rep_ms)
+        tflops = timing.matmul_tflops(run.device) if run.on_gpu else None
         label = "device-to-device copy" if run.on_gpu else "CPU memcpy, NOT a GPU figure"
         print(f"copy ceiling: {ceiling:.1f} GB/s ({label})", flush=True)
     if tflops is not None:
@@ -599,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     for p in (*providers, *checked_only):
-        print(f"  {p.name} {harness.package_version(p.dist)}: {p.note}", flush=True)
+        print(f"  {p.name} {results_io.package_version(p.dist)}: {p.note}", flush=True)
     misses = [r for r in rows if r["target"] == "MISS"]
     if run.on_gpu:
         print(
@@ -613,9 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows,
         key_cols=("family", "mode", "dtype", "tokens", "provider"),
         summary=lambda csv_path, latest: (
-            harness.format_table(latest, CPU_TIMING_TABLE_COLUMNS, markdown=True)
+            report.format_table(latest, CPU_TIMING_TABLE_COLUMNS, markdown=True)
             if run.cpu_timing
-            else harness.readme_table(csv_path)
+            else report.readme_table(csv_path)
         ),
         extra={
             "copy_ceiling_gbs": ceiling,

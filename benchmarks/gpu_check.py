@@ -53,11 +53,13 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from benchmarks import harness
+    from benchmarks import harness, report, results_io
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import harness
+    import report
+    import results_io
 
-REPO_ROOT = harness.REPO_ROOT
+REPO_ROOT = results_io.REPO_ROOT
 # Seconds of wall time on one H100 with 16 cores. The stages' boxes add up to the total (the build overlaps the
 # Triton tests); each stage also stops at the total's deadline. Written down in the README's GPU section.
 TOTAL_BUDGET_S = 540.0
@@ -193,11 +195,11 @@ def _tool_version(command: Sequence[str]) -> str:
 
 ENV_SNIPPET = """
 import json, torch
-from benchmarks import harness
-env = harness.environment()
-env.update(cuda=torch.version.cuda or "", gpu_available=harness.gpu_available(),
-           capability=".".join(map(str, torch.cuda.get_device_capability())) if harness.gpu_available() else "",
-           peers={d: harness.package_version(d) for d in ("liger-kernel", "flashinfer-python", "flash-attn")})
+from benchmarks import peers, results_io, timing
+env = results_io.environment()
+env.update(cuda=torch.version.cuda or "", gpu_available=timing.gpu_available(),
+           capability=".".join(map(str, torch.cuda.get_device_capability())) if timing.gpu_available() else "",
+           peers={dist: results_io.package_version(dist) for dist in peers.gpu_peer_dists()})
 print(json.dumps(env))
 """
 
@@ -405,7 +407,7 @@ def stage_sanitizer(ctx: Context) -> dict[str, Any]:
 def stage_bench(ctx: Context) -> dict[str, Any]:
     """Every benchmark, each in its own process and time box, into the same results folder."""
     out_root = str(ctx.folder.parent)
-    ctx.summary["bench_started"] = harness.utc_now()
+    ctx.summary["bench_started"] = results_io.utc_now()
     result: dict[str, Any] = {}
     stage_end = time.monotonic() + BUDGET_S["bench"]
     for name, module, gpu_args, cpu_args, box in BENCHES:
@@ -438,11 +440,11 @@ def _this_run_rows(ctx: Context, csv_name: str) -> list[dict[str, str]]:
     if not path.exists():
         return []
     started = ctx.summary.get("bench_started", ctx.summary["started"])
-    return [r for r in harness.read_results(path) if r.get("date", "") >= started]
+    return [r for r in results_io.read_results(path) if r.get("date", "") >= started]
 
 
 def _worst(rows: list[dict[str, str]], column: str, *, lowest: bool) -> tuple[float, dict[str, str]] | None:
-    values = [(harness.as_float(r.get(column)), r) for r in rows]
+    values = [(results_io.as_float(r.get(column)), r) for r in rows]
     values = [(v, r) for v, r in values if v is not None]
     if not values:
         return None
@@ -474,7 +476,7 @@ def headlines(ctx: Context) -> list[dict[str, Any]]:
         add(f"rotary_interp {provider} GB/s / copy (worst cell)", 0.90, _worst(own, "frac_ceiling", lowest=True),
             True, "", lambda r: f"{r['family']} {r['dtype']} {r['mode']} {r['tokens']} tok")
     cache = [r for r in _this_run_rows(ctx, "kv_cache.csv") if r["status"] == "ok"]
-    times = {(r["family"], r["dtype"], r["provider"]): harness.as_float(r["median_ms"]) for r in cache}
+    times = {(r["family"], r["dtype"], r["provider"]): results_io.as_float(r["median_ms"]) for r in cache}
     ratios = [(times[key] / times[(key[0], key[1], key[2].replace("fused-", "separate-"))], dict(zip(
         ("family", "dtype", "provider"), key, strict=True))) for key in times if key[2].startswith("fused-")
         and (key[0], key[1], key[2].replace("fused-", "separate-")) in times]
@@ -496,9 +498,9 @@ def headlines(ctx: Context) -> list[dict[str, Any]]:
         lambda r: f"{r['family']} causal={r['causal']} {r['mode']} {r['tokens']}")
     add("attention_rotary: best SDPA time / this (worst)", 1.0, _worst(own, "vs_best_sdpa", lowest=True), True, "",
         lambda r: f"{r['family']} causal={r['causal']} {r['mode']} {r['tokens']} vs {r['best_sdpa']}")
-    memory = [r for r in own if r["mode"] == "fwd+bwd" and harness.as_float(r.get("peak_mib"))]
+    memory = [r for r in own if r["mode"] == "fwd+bwd" and results_io.as_float(r.get("peak_mib"))]
     for row in sorted(memory, key=lambda r: (r["family"], int(r["tokens"]))):
-        peak = harness.as_float(row["peak_mib"])
+        peak = results_io.as_float(row["peak_mib"])
         lines.append({"what": f"attention_rotary fwd+bwd peak MiB, {row['family']} {row['tokens']} tok",
                       "target": "linear in seq", "measured": f"{peak:.0f} MiB",
                       "ratio": f"{peak * 1024 / (int(row['batch']) * int(row['tokens'])):.1f} KiB/tok",
@@ -538,7 +540,7 @@ def write_summary(ctx: Context) -> None:
     """summary.json and summary.md in the folder, and the files of :data:`OUT_FILES` in ``$OUT``."""
     ctx.summary["headlines"] = headlines(ctx)
     ctx.summary["seconds"] = round(time.monotonic() - ctx.summary["_t0"], 1)
-    harness.write_json(ctx.folder / "summary.json", {k: v for k, v in ctx.summary.items() if not k.startswith("_")})
+    results_io.write_json(ctx.folder / "summary.json", {k: v for k, v in ctx.summary.items() if not k.startswith("_")})
     env = ctx.summary.get("environment", {})
     lines = [
         f"# gpu_check on {env.get('device', '?')}",
@@ -554,7 +556,7 @@ def write_summary(ctx: Context) -> None:
         "",
         "## Headline figures (ratio ≥ 1 meets the target)",
         "",
-        harness.format_table(ctx.summary["headlines"], HEADLINE_COLUMNS, markdown=True),
+        report.format_table(ctx.summary["headlines"], HEADLINE_COLUMNS, markdown=True),
         "",
     ]
     for name in ("rotary", "kv_cache", "qkv_proj", "attention"):
@@ -585,7 +587,7 @@ def copy_to_out(ctx: Context, out: Path) -> None:
         rows += _this_run_rows(ctx, f"{name}.csv")
     if rows:
         (out / "bench.csv").unlink(missing_ok=True)
-        harness.append_results(out / "bench.csv", rows, {})
+        results_io.append_results(out / "bench.csv", rows, {})
     for name in ("summary.json", "summary.md", "gpu_check.log", *PLOTS):
         if (ctx.folder / name).exists():
             shutil.copy2(ctx.folder / name, out / name)
@@ -623,15 +625,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
         env["PI_KERNELS_TEST_DEVICE"] = "cpu"
-        os.environ["TRITON_INTERPRET"] = "1"  # harness.environment() below describes the interpreter run
-    device = harness.environment()["device"] if args.dry_run else _tool_version(
+        os.environ["TRITON_INTERPRET"] = "1"  # results_io.environment() below describes the interpreter run
+    device = results_io.environment()["device"] if args.dry_run else _tool_version(
         ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]) or "unknown GPU"
-    folder = harness.results_dir({"device": device}, args.out or harness.RESULTS_ROOT)
+    folder = results_io.results_dir({"device": device}, args.out or results_io.RESULTS_ROOT)
     folder.mkdir(parents=True, exist_ok=True)
     summary = _load_summary(folder) if args.only else {}
     summary.setdefault("stages", {})
     summary.update(dry_run=args.dry_run, budget_s=args.budget, stage_budgets_s=BUDGET_S, _t0=t0,
-                   started=harness.utc_now())
+                   started=results_io.utc_now())
     ctx = Context(dry_run=args.dry_run, folder=folder, deadline=t0 + args.budget, env=env, summary=summary)
     stages: dict[str, Callable[[Context], dict[str, Any]]] = {
         "env": stage_env, "build": start_build, "tests": stage_tests, "sanitizer": stage_sanitizer,
@@ -655,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ctx.build is not None:  # --only build: wait for it here
         summary["stages"]["build"] = finish_build(ctx)
         write_summary(ctx)
-    print("\n" + harness.format_table(summary["headlines"], HEADLINE_COLUMNS), flush=True)
+    print("\n" + report.format_table(summary["headlines"], HEADLINE_COLUMNS), flush=True)
     bad = {name: s["status"] for name, s in summary["stages"].items() if s.get("status") not in ("ok", "skipped")}
     print(f"\ngpu_check: {'all stages ok' if not bad else f'not ok: {bad}'}; {folder}; "
           f"{time.monotonic() - t0:.0f} s", flush=True)

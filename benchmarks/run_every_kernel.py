@@ -21,9 +21,10 @@ from collections.abc import Callable
 import torch
 
 try:
-    from benchmarks import harness
+    from benchmarks import harness, timing
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import harness
+    import timing
 
 SCALING = {"scaling_factor": 4.0, "base": 10000.0}
 
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a few tokens (for the interpreter)")
     args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not harness.interpreter_mode()
+    on_gpu = torch.cuda.is_available() and not timing.interpreter_mode()
     if not on_gpu:
         print(harness.NO_GPU_LINE, flush=True)
         os.environ["TRITON_INTERPRET"] = "1"  # before pi_kernels defines its kernels

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from benchmarks import bench_rotary, harness
+from benchmarks import bench_rotary, cli, harness, peers, report, results_io, timing
 
 ENV = {
     "device": "NVIDIA H100 80GB HBM3",
@@ -27,13 +27,13 @@ ENV = {
 @pytest.fixture
 def wallclock(monkeypatch):
     """Use the CPU timing path even on a GPU machine: these tests time plain Python and CPU tensors."""
-    monkeypatch.setattr(harness, "gpu_available", lambda: False)
+    monkeypatch.setattr(timing, "gpu_available", lambda: False)
 
 
 def test_measure_returns_ordered_quantiles(wallclock):
     calls = []
-    timing = harness.measure(lambda: calls.append(sum(range(2000))), warmup_ms=1.0, rep_ms=5.0)
-    assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
+    measured = timing.measure(lambda: calls.append(sum(range(2000))), warmup_ms=1.0, rep_ms=5.0)
+    assert 0 < measured.p20_ms <= measured.median_ms <= measured.p80_ms
     assert len(calls) >= 4  # one warm-up call and at least min_reps timed ones
 
 
@@ -45,30 +45,30 @@ def test_measure_resets_grads_before_each_repetition(wallclock):
         seen.append(x.grad is None)
         (x * 2).sum().backward()
 
-    harness.measure(backward, warmup_ms=0.0, rep_ms=0.0, grad_to_none=[x])
+    timing.measure(backward, warmup_ms=0.0, rep_ms=0.0, grad_to_none=[x])
     assert all(seen)
 
 
 def test_copy_bandwidth_is_positive(wallclock):
-    assert harness.copy_bandwidth_gbs("cpu", size_bytes=1 << 20, warmup_ms=0.0, rep_ms=1.0) > 0
+    assert timing.copy_bandwidth_gbs("cpu", size_bytes=1 << 20, warmup_ms=0.0, rep_ms=1.0) > 0
 
 
 def test_environment_fields_and_slugs():
-    env = harness.environment()
-    assert set(harness.ENV_FIELDS) <= set(env)
+    env = results_io.environment()
+    assert set(results_io.ENV_FIELDS) <= set(env)
     assert env["date"].endswith("+00:00")
-    assert harness.device_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
-    assert harness.device_slug("x86_64 CPU (Triton interpreter)") == "cpu-interpreter"
-    assert harness.results_dir(ENV, "/r").as_posix() == "/r/h100-80gb-hbm3"
+    assert results_io.device_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert results_io.device_slug("x86_64 CPU (Triton interpreter)") == "cpu-interpreter"
+    assert results_io.results_dir(ENV, "/r").as_posix() == "/r/h100-80gb-hbm3"
 
 
 def test_append_results_writes_env_columns_and_widens_header(tmp_path):
     path = tmp_path / "h100" / "op.csv"
-    harness.append_results(path, [{"provider": "a", "median_ms": 1.5, "parity": None}], ENV)
+    results_io.append_results(path, [{"provider": "a", "median_ms": 1.5, "parity": None}], ENV)
     later = {**ENV, "date": "2026-01-02T00:00:00+00:00"}
-    harness.append_results(path, [{"provider": "b", "median_ms": 2.0, "gbs": 7.0}], later)
-    rows = harness.read_results(path)
-    assert list(rows[0])[: len(harness.ENV_FIELDS)] == list(harness.ENV_FIELDS)
+    results_io.append_results(path, [{"provider": "b", "median_ms": 2.0, "gbs": 7.0}], later)
+    rows = results_io.read_results(path)
+    assert list(rows[0])[: len(results_io.ENV_FIELDS)] == list(results_io.ENV_FIELDS)
     assert [r["provider"] for r in rows] == ["a", "b"]
     assert rows[0]["device"] == "NVIDIA H100 80GB HBM3" and rows[0]["parity"] == "" and rows[0]["gbs"] == ""
     assert rows[1]["gbs"] == "7.0" and rows[1]["date"] == later["date"]
@@ -95,7 +95,7 @@ def _rows(date, provider, gbs, *, status="ok", tokens=(1024, 4096), **extra):
 
 def test_plot_writes_png(tmp_path):
     rows = _rows("d", "pi_kernels", 2800.0) + _rows("d", "eager", 500.0) + _rows("d", "liger", None, status="error")
-    path = harness.plot_bandwidth(rows, tmp_path / "sub" / "plot.png", title="test")
+    path = report.plot_bandwidth(rows, tmp_path / "sub" / "plot.png", title="test")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
@@ -103,11 +103,11 @@ def test_plot_writes_png(tmp_path):
 def test_format_table_aligns_text_and_markdown():
     rows = [{"name": "a", "ms": 1.23456, "n": 1024}, {"name": "long-name", "ms": None, "n": 8}]
     columns = [("name", "name"), ("ms", "ms", ".2f"), ("n", "n", "d")]
-    text = harness.format_table(rows, columns).splitlines()
+    text = report.format_table(rows, columns).splitlines()
     assert text[0].split() == ["name", "ms", "n"]
     assert text[2].split() == ["a", "1.23", "1024"] and text[3].split() == ["long-name", "-", "8"]
     assert len({len(line) for line in text[:3]}) == 1  # header, rule and full row share the column widths
-    md = harness.format_table(rows, columns, markdown=True).splitlines()
+    md = report.format_table(rows, columns, markdown=True).splitlines()
     assert md[0] == "| name      |   ms |    n |" and md[1] == "| --------- | ---: | ---: |"
 
 
@@ -115,10 +115,10 @@ def test_readme_table_uses_latest_run_and_largest_size(tmp_path):
     path = tmp_path / "rotary.csv"
     old = _rows("2026-01-01", "pi_kernels", 1000.0, frac_ceiling=0.33, vs_best_other=0.5, best_other="eager")
     new = _rows("2026-01-02", "pi_kernels", 2800.0, frac_ceiling=0.93, vs_best_other=1.25, best_other="liger")
-    peers = _rows("2026-01-01", "liger", 2240.0) + _rows("2026-01-01", "flashinfer", None, status="unsupported")
-    for rows in (old, peers, new):
-        harness.append_results(path, rows, {})
-    table = harness.readme_table(path).splitlines()
+    others = _rows("2026-01-01", "liger", 2240.0) + _rows("2026-01-01", "flashinfer", None, status="unsupported")
+    for rows in (old, others, new):
+        results_io.append_results(path, rows, {})
+    table = report.readme_table(path).splitlines()
     assert [c.strip() for c in table[0].split("|")[1:-1]] == [
         "family",
         "mode",
@@ -208,7 +208,7 @@ def _check_adapter(name, dtype):
     provider = bench_rotary.PROVIDERS[name]
     q, k, gq, gk = _inputs(dtype)
     fwd = provider.build(q.shape[1], q.shape[3], dtype, torch.device("cpu"))
-    modes = harness.MODES if provider.backward else ("fwd",)
+    modes = cli.MODES if provider.backward else ("fwd",)
     for mode in modes:
         err = bench_rotary.parity(fwd, q, k, gq, gk, mode)
         assert err <= bench_rotary.PARITY_TOL[dtype], (name, mode, err)
@@ -227,7 +227,7 @@ def test_cpu_provider_matches_reference(name, dtype):
     _check_adapter(name, dtype)
 
 
-def _run_group(providers, dtype_name="fp32", modes=harness.MODES):
+def _run_group(providers, dtype_name="fp32", modes=cli.MODES):
     family = bench_rotary.Family("t", 4, 2, 16, (32,), (32,))
     return bench_rotary.run_group(
         family,
@@ -236,7 +236,7 @@ def _run_group(providers, dtype_name="fp32", modes=harness.MODES):
         modes,
         providers,
         device=torch.device("cpu"),
-        budget=harness.Budget(0.0, 0.0, 1),
+        budget=timing.Budget(0.0, 0.0, 1),
         ceiling_gbs=10.0,
         on_gpu=False,
     )
@@ -248,13 +248,13 @@ def test_run_group_reports_unsupported_and_does_not_time_parity_failures(fake_pe
 
         return lambda q, k: rotary_interp_reference(q, k, scaling_factor=1.0)  # plain RoPE: not PI
 
-    wrong = bench_rotary.Provider("wrong", None, "torch", wrong_scale, True, "")
+    wrong = peers.Provider("wrong", wrong_scale, peer="torch")
     providers = [bench_rotary.PROVIDERS["eager"], bench_rotary.PROVIDERS["flashinfer"], wrong]
     rows = {(r["provider"], r["mode"]): r for r in _run_group(providers)}
     assert rows[("eager", "fwd")]["status"] == "ok" and rows[("eager", "fwd")]["median_ms"] > 0
     assert rows[("eager", "fwd+bwd")]["bytes"] == 2 * rows[("eager", "fwd")]["bytes"] == 4 * (32 * 6 * 16) * 4
     assert rows[("flashinfer", "fwd")]["status"] == "unsupported"  # fp32: FlashInfer is fp16/bf16 only
-    for mode in harness.MODES:
+    for mode in cli.MODES:
         assert rows[("wrong", mode)]["status"] == "parity-fail"
         assert rows[("wrong", mode)]["median_ms"] is None and rows[("wrong", mode)]["parity"] > 0.01
     bf16 = _run_group(providers, "bf16")
@@ -280,7 +280,7 @@ def test_cpu_run_times_plain_pytorch_on_one_thread_and_only_checks_the_interpret
     output = capsys.readouterr().out
     assert output.startswith(harness.CPU_TIMING_LINE) and "GB/s" not in output.split("Notes:")[0]
     (folder,) = tmp_path.iterdir()
-    rows = {r["provider"]: r for r in harness.read_results(folder / "rotary.csv")}
+    rows = {r["provider"]: r for r in results_io.read_results(folder / "rotary.csv")}
     assert set(rows) == {"pi_kernels_torch", "hf", "eager", "pi_kernels"}
     assert rows["pi_kernels_torch"]["device"].endswith(f"CPU, {harness.CPU_THREADS} thread(s)")
     for name in ("pi_kernels_torch", "hf", "eager"):
@@ -288,3 +288,22 @@ def test_cpu_run_times_plain_pytorch_on_one_thread_and_only_checks_the_interpret
     interpreted = rows["pi_kernels"]
     assert interpreted["status"] == "ok" and float(interpreted["parity"]) <= 1e-5 and interpreted["median_ms"] == ""
     assert "GB/s" not in (folder / "rotary-summary.md").read_text()
+
+
+def test_providers_name_registered_peers_and_say_why_they_cannot_run():
+    """One Provider record and one peer registry: every script's providers name a peer of PEERS (or none: ours);
+    gpu_check records the GPU peers' versions and fetch_wheels.sh downloads the registry's wheels."""
+    from benchmarks import bench_attention, bench_kv_cache, bench_qkv_proj
+
+    for script in (bench_rotary, bench_attention, bench_qkv_proj, bench_kv_cache):
+        for provider in script.PROVIDERS.values():
+            assert isinstance(provider, peers.Provider) and (provider.peer is None or provider.peer in peers.PEERS)
+    assert peers.gpu_peer_dists() == ["liger-kernel", "flashinfer-python", "flash-attn"]
+    assert peers.wheel_specs() == ["liger-kernel==0.8.5", "flashinfer-python==0.7.2.post1"]
+    rotary = bench_rotary.PROVIDERS
+    assert rotary["liger"].dist == "liger-kernel" and rotary["pi_kernels_torch"].dist == "pi_kernels"
+    assert rotary["flashinfer"].unavailable(on_gpu=False) == "needs a CUDA GPU"
+    assert rotary["eager"].unavailable(on_gpu=False) is None
+    assert peers.Provider("x", None, requires="no_such_module_here").unavailable(True) == (
+        "not installed (import no_such_module_here)")
+    assert not rotary["flashinfer"].supports("fp32") and rotary["flashinfer"].supports("bf16")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check, harness
+from benchmarks import gpu_check, results_io
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def dry_run(tmp_path_factory):
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(root / "res")],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - start
-    folder = root / "res" / harness.CPU_SLUG
+    folder = root / "res" / results_io.CPU_SLUG
     if result.returncode != 0:
         print(result.stderr[-5000:])
     return result.returncode, result.stdout, folder, out, seconds
@@ -60,7 +60,7 @@ def test_dry_run_writes_every_benchmark_with_parity(dry_run):
     _, _, folder, _, _ = dry_run
     for name, own in (("rotary", "pi_kernels"), ("kv_cache", "fused-triton"), ("qkv_proj", "pi_kernels"),
                       ("attention", "pi_kernels")):
-        rows = harness.read_results(folder / f"{name}.csv")
+        rows = results_io.read_results(folder / f"{name}.csv")
         mine = [r for r in rows if r["provider"] == own]
         assert mine and all(r["status"] == "ok" and r["parity"] and r["median_ms"] for r in mine), (name, mine)
         assert all(r["device"] and r["commit"] is not None and r["date"] for r in rows)
@@ -76,7 +76,7 @@ def test_dry_run_fills_out_with_at_most_eight_safe_names(dry_run):
     names = sorted(p.name for p in out.iterdir())
     assert set(names) == set(gpu_check.OUT_FILES) and len(names) <= 8
     assert all(gpu_check.SAFE_NAME.match(name) and (out / name).is_file() for name in names)
-    rows = harness.read_results(out / "bench.csv")
+    rows = results_io.read_results(out / "bench.csv")
     assert {r["op"] for r in rows} == {"rotary_interp", "rotary_kv_cache_append", "qkv_proj_rotary", "attention_rotary"}
     # The headline table is printed last: target, measured, ratio.
     assert any(line.split()[:1] == ["what"] and "ratio" in line for line in output.splitlines()[-20:])
@@ -105,17 +105,17 @@ def test_headlines_find_every_target_in_gpu_shaped_rows(tmp_path):
     """Rows shaped like a GPU run's: every headline is measured, and ratios ≥ 1 mean the target is met."""
     env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-01T00:00:01+00:00"}
     base = {"status": "ok", "dtype": "bf16", "family": "gqa", "tokens": 16384}
-    harness.append_results(tmp_path / "rotary.csv", [
+    results_io.append_results(tmp_path / "rotary.csv", [
         {**base, "provider": p, "mode": m, "frac_ceiling": f} for p, m, f in
         (("pi_kernels", "fwd", 0.93), ("pi_kernels", "bwd", 0.85), ("pi_kernels_cuda", "fwd", 0.95))], env)
-    harness.append_results(tmp_path / "kv_cache.csv", [
+    results_io.append_results(tmp_path / "kv_cache.csv", [
         {**base, "family": "decode", "provider": p, "median_ms": t} for p, t in
         (("fused-triton", 0.010), ("separate-triton", 0.020))], env)
-    harness.append_results(tmp_path / "qkv_proj.csv", [
+    results_io.append_results(tmp_path / "qkv_proj.csv", [
         {**base, "provider": "pi_kernels", "mode": m, "vs_matmul": r} for m, r in (("fwd", 1.01), ("bwd", 1.10))], env)
     attention = {**base, "provider": "pi_kernels", "family": "d128", "head_dim": 128, "causal": False,
                  "best_sdpa": "rotary_interp+sdpa-flash", "batch": 1}
-    harness.append_results(tmp_path / "attention.csv", [
+    results_io.append_results(tmp_path / "attention.csv", [
         {**attention, "mode": "fwd", "tflops": 500.0, "rope_cost": 1.02, "vs_best_sdpa": 1.3},
         {**attention, "mode": "bwd", "tflops": 300.0, "rope_cost": 1.04, "vs_best_sdpa": 1.1},
         {**attention, "mode": "fwd+bwd", "tokens": 32768, "peak_mib": 512.0}], env)

@@ -445,7 +445,7 @@ def test_device_mismatch_is_rejected(device):
 
 def test_benchmark_quick_run(device, tmp_path, capsys):
     """The benchmark runs end to end: every provider passes parity, rows and plots are written."""
-    from benchmarks import bench_qkv_proj, harness
+    from benchmarks import bench_qkv_proj, harness, results_io
 
     argv = ["--quick", "--out", str(tmp_path)]
     argv += ["--families", "gqa", "--tokens", "2048"] if device.type == "cuda" else ["--families", "tiny-d80"]
@@ -453,7 +453,7 @@ def test_benchmark_quick_run(device, tmp_path, capsys):
     out = capsys.readouterr().out
     if device.type != "cuda":
         assert harness.NO_GPU_LINE in out
-    rows = harness.read_results(harness.results_dir(harness.environment(), tmp_path) / "qkv_proj.csv")
+    rows = results_io.read_results(results_io.results_dir(results_io.environment(), tmp_path) / "qkv_proj.csv")
     assert {row["provider"] for row in rows} == set(bench_qkv_proj.PROVIDERS)
     assert all(row["status"] == "ok" and row["median_ms"] for row in rows), [r for r in rows if r["status"] != "ok"]
     assert all(float(row["parity"]) < 1.5e-2 for row in rows if row["provider"] != "matmul")

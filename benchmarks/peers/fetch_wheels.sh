@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Download the peer libraries' wheels for the GPU machine (Python 3.12, linux x86_64) into .whl/ (git-ignored).
 #
+# Which wheels: the pinned `wheel` of each peer in the registry, benchmarks/peers/__init__.py (PEERS), in its order.
 # The GPU machine has no network: these wheels travel with the working tree, which must stay under 64 MiB in all,
 # and gpu_check installs them there with `pip install --no-index --no-deps --target` (carry .whl with the call).
-# - liger-kernel, --no-deps: pure Python on Triton and torch, which the GPU image has.
-# - flashinfer-python: kept only if its wheel fits in what is left AND everything it requires is in the GPU image
-#   (it must run without fetching anything); otherwise it is removed again and the script says why.
+# A wheel is kept only if it fits in what is left AND everything it requires (its non-extra Requires-Dist) is in the
+# GPU image, so that it runs without fetching anything; otherwise it is left out and the script says why. (When
+# written: liger-kernel, pure Python on torch and Triton, kept; flashinfer-python, checked each time.)
 # Usage: benchmarks/peers/fetch_wheels.sh        (LIMIT_MIB=64 by default)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DEST=.whl
 LIMIT_MIB=${LIMIT_MIB:-64}
-LIGER=liger-kernel==0.8.5
-FLASHINFER=flashinfer-python==0.7.2.post1
+# The registry is plain Python (no torch): python3 reads it here.
+mapfile -t SPECS < <(python3 -c 'from benchmarks.peers import wheel_specs; print(*wheel_specs(), sep="\n")')
 # Python packages of the GPU image ('cuda', read 2026-11-17 per the device notes), lower case, '_' as '-'.
 IMAGE_PACKAGES=" numpy torch triton click einops ninja packaging requests tabulate tqdm nvidia-ml-py cuda-bindings
  cuda-core cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-nccl-cu13 "
@@ -31,26 +32,26 @@ tree_bytes() {  # what travels besides .whl: tracked files and untracked files t
 }
 
 mkdir -p "$DEST"
-download "$DEST" "$LIGER"
-echo "liger-kernel: $(ls "$DEST"/liger_kernel-*.whl)"
-
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-download "$tmp" "$FLASHINFER"
-wheel=$(ls "$tmp"/flashinfer_python-*.whl)
-wheel_bytes=$(stat -c %s "$wheel")
-used=$(( $(tree_bytes) + $(du -cb "$DEST" | tail -n 1 | cut -f1) ))
-missing=""
-for requirement in $(unzip -p "$wheel" '*/METADATA' | grep '^Requires-Dist:' | grep -v 'extra ==' \
-                     | sed -E 's/^Requires-Dist: *([A-Za-z0-9_.-]+).*/\1/' | tr 'A-Z_' 'a-z-'); do
-  case "$IMAGE_PACKAGES" in *" $requirement "*) ;; *) missing="$missing $requirement" ;; esac
+for spec in "${SPECS[@]}"; do
+  dist=${spec%%=*}
+  rm -rf "${tmp:?}"/* && download "$tmp" "$spec"
+  wheel=$(ls "$tmp"/*.whl)
+  wheel_bytes=$(stat -c %s "$wheel")
+  used=$(( $(tree_bytes) + $(du -cb "$DEST" | tail -n 1 | cut -f1) ))
+  missing=""
+  for requirement in $(unzip -p "$wheel" '*/METADATA' | grep '^Requires-Dist:' | grep -v 'extra ==' \
+                       | sed -E 's/^Requires-Dist: *([A-Za-z0-9_.-]+).*/\1/' | tr 'A-Z_' 'a-z-'); do
+    case "$IMAGE_PACKAGES" in *" $requirement "*) ;; *) missing="$missing $requirement" ;; esac
+  done
+  if (( used + wheel_bytes > LIMIT_MIB * 1048576 )) || [[ -n "$missing" ]]; then
+    echo "$dist: NOT kept: wheel $(mib "$wheel_bytes") MiB with $(mib "$used") MiB already travelling" \
+         "(limit $LIMIT_MIB MiB); requires packages the GPU image lacks:${missing:- none}"
+  else
+    mv "$wheel" "$DEST"/
+    echo "$dist: $(basename "$wheel")"
+  fi
 done
-if (( used + wheel_bytes > LIMIT_MIB * 1048576 )) || [[ -n "$missing" ]]; then
-  echo "flashinfer-python: NOT kept: wheel $(mib "$wheel_bytes") MiB with $(mib "$used") MiB already travelling" \
-       "(limit $LIMIT_MIB MiB); requires packages the GPU image lacks:${missing:- none}"
-else
-  mv "$wheel" "$DEST"/
-  echo "flashinfer-python: $(basename "$wheel")"
-fi
 echo "total to travel: $(mib $(( $(tree_bytes) + $(du -cb "$DEST" | tail -n 1 | cut -f1) ))) MiB" \
      "(working tree + $DEST/: $(du -sh "$DEST" | cut -f1))"
