@@ -466,6 +466,24 @@ def test_backend_name_is_checked(device):
         pi_kernels.qkv_proj_rotary(x, weight, backend="cuda", **HEADS)
 
 
+def test_backend_modules_import_nothing_from_the_ops():
+    """No upward imports: the torch backend and backend resolution sit below ops/ (the torch backend takes the 2π
+    split from _angles.py, so it never imports Triton; _backend.py owns _interpreting)."""
+    import ast
+
+    for name in ("_torch_backend.py", "_backend.py", "_angles.py"):
+        with open(os.path.join(ROOT, "pi_kernels", name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported = [f"{'.' * node.level}{node.module or ''}", *(alias.name for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(n.startswith((".ops", "ops", "triton")) for n in imported), (name, imported)
+
+
 def _run_without_interpreter(code):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
