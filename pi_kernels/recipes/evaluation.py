@@ -102,24 +102,39 @@ def perplexity(model, targets, context, *, batch_tokens, device, bootstrap=1000,
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, passkey_format, context, *, trials, seed, batch_tokens, device):
-    """Share of ``trials`` documents of ``context`` tokens whose key the model reproduces exactly (greedy)."""
+def passkey_accuracy(model, tokenizer, passkey_format, context, *, depths, trials, seed, batch_tokens, device):
+    """Passkey retrieval at ``context`` tokens: ``trials`` documents at each depth, exact match of the greedy answer.
+
+    Parameters
+    ----------
+    depths : sequence of float
+        Where the key sits in the filler, 0 (start) to 1 (end).
+    trials : int
+        Documents per depth, each with its own random key; the same documents for every model at one ``seed``.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` (share of all documents), ``by_depth`` (``str(depth)`` -> share) and ``trials`` (documents in all).
+    """
     model.eval()
     generator = torch.Generator().manual_seed(seed * 7919 + context)
-    documents = [passkey_document(tokenizer, passkey_format, context, generator) for _ in range(trials)]
+    documents = [(depth, *passkey_document(tokenizer, passkey_format, context, generator, depth=depth))
+                 for depth in depths for _ in range(trials)]
     rows = max(1, batch_tokens // context)
-    correct = 0
-    for first in tqdm(range(0, trials, rows), desc=f"passkey @ {context}", leave=False, disable=None):
+    correct = dict.fromkeys(map(str, depths), 0)
+    for first in tqdm(range(0, len(documents), rows), desc=f"passkey @ {context}", leave=False, disable=None):
         chunk = documents[first:first + rows]
-        tokens = torch.stack([doc for doc, _ in chunk]).to(device)
-        longest = max(answer for _, answer in chunk)
+        tokens = torch.stack([doc for _, doc, _ in chunk]).to(device)
+        longest = max(answer for _, _, answer in chunk)
         with autocast(device):
             logits = model(input_ids=tokens, logits_to_keep=longest + 1).logits[:, :-1]
         predicted = logits.argmax(-1)
-        for row, (doc, answer) in enumerate(chunk):
+        for row, (depth, doc, answer) in enumerate(chunk):
             # Teacher-forced argmax over the whole answer == greedy decoding reproduces it.
-            correct += bool(torch.equal(predicted[row, -answer:].cpu(), doc[-answer:]))
-    return correct / trials
+            correct[str(depth)] += bool(torch.equal(predicted[row, -answer:].cpu(), doc[-answer:]))
+    return {"accuracy": sum(correct.values()) / len(documents),
+            "by_depth": {depth: hits / trials for depth, hits in correct.items()}, "trials": len(documents)}
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ results record the layout (``parallel``). Rank 0 writes ``--out``, rank r > 0 ``
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -62,27 +63,25 @@ from . import data as recipe_data
 from .data import COMPACT_PASSKEY, PAPER_PASSKEY, BPETokenizer, PretrainedTokenizer
 from .distributed import init_training_layout
 from .evaluation import PerplexityTargets, autocast, passkey_accuracy, perplexity, position_perplexity
-from .report import findings, format_tables, write_plots
+from .report import findings, format_tables, summarize, write_plots
 
 __all__ = ["CPU_CONFIG", "GPU_CONFIG", "PRESETS", "SMOKE_CONFIG", "ProbeConfig", "RecipeConfig", "build_parser",
            "main", "run", "variants"]
 
-# method -> (label without fine-tuning, label with the fine-tune)
-METHODS = {
-    "extrapolation": ("None (extrapolation)", "FT at L', no scaling"),
-    "pi": ("PI, no FT", "PI + FT"),
-    "ntk": ("NTK-aware, no FT", "NTK-aware + FT"),
-    "yarn": ("YaRN, no FT", "YaRN + FT"),
-}
+# method -> its label; "extrapolation" before fine-tuning is plain extrapolation, after it direct fine-tuning at L'
+METHODS = {"extrapolation": "No scaling", "pi": "PI", "ntk": "NTK-aware", "yarn": "YaRN"}
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """A pretrained model without fine-tuning on a few long windows: perplexity by token position, inside and past L."""
+    """A pretrained model without fine-tuning past its context L: passkey retrieval by context and depth (the paper's
+    prompt), then perplexity by token position in long windows, inside and past L."""
 
-    window_factor: float          # tokens per window, in multiples of the trained context L (> 1)
     factor: float                 # the scaling methods' extension factor
-    windows: int
+    passkey_multiples: tuple      # passkey contexts, in multiples of L
+    passkey_trials: int           # documents per depth (data.PASSKEY_DEPTHS) at each context
+    window_factor: float          # tokens per perplexity window, in multiples of L (> 1)
+    windows: int                  # perplexity windows, each starting at its own held-out document
     methods: tuple = ("extrapolation", "pi", "ntk", "yarn")
 
 
@@ -106,13 +105,16 @@ class RecipeConfig:
     base_lr: float                # peak; linear warm-up from 10 %, cosine decay to 10 %
     base_warmup: int
     base_passkey_fraction: float  # share of base-training sequences that are passkey documents
-    finetune_steps: int
+    base_retrieval_steps: int     # at most this many steps of passkey documents alone first (0: none); see
+                                  # _base_model_state
+    finetune_steps: int           # the length of every fine-tune
+    eval_steps: tuple             # fine-tuning steps after which each fine-tune is evaluated (step 0 always is)
     finetune_lr: float            # constant after a linear warm-up from 10 %, as in the paper
     finetune_warmup: int
     finetune_passkey: bool        # mix passkey documents into the fine-tunes (default off: zero-shot transfer)
     eval_targets: int             # held-out tokens scored at every evaluation context
     eval_block: int               # targets per held-out document
-    passkey_trials: int           # passkey documents per evaluation context
+    passkey_trials: int           # passkey documents per depth (data.PASSKEY_DEPTHS) at every evaluation context
     eval_batch_tokens: int
     checkpoint_every: int
     max_train_chars: int | None = None   # training documents kept (the held-out documents are all kept)
@@ -120,38 +122,50 @@ class RecipeConfig:
     bootstrap: int = 1000
     rope_theta: float = 10000.0
     weight_decay: float = 0.1     # base training; fine-tuning uses none, as in the paper
-    seed: int = 0
+    seeds: tuple = (0,)           # training seeds (model init and data order): each a whole run of its own
     probe: ProbeConfig | None = None
 
+    def __post_init__(self):
+        steps = list(self.eval_steps)
+        if steps != sorted(set(steps)) or (steps and not 0 < steps[0] <= steps[-1] == self.finetune_steps) or (
+                self.finetune_steps and not steps):
+            raise ValueError(f"eval_steps must rise from 1 to finetune_steps ({self.finetune_steps}), got "
+                             f"{self.eval_steps}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
 
-# One H100, estimated 6-8 minutes (not yet run): SmolLM2-135M (L = 8192) fine-tuned 40 steps at 16k and 32k
-# (32k tokens a step) for each of direct / PI / NTK / YaRN, 15 rows evaluated at 8k, 16k and 32k.
+
+# One H100, estimated 8-10 minutes (not yet run): SmolLM2-135M (L = 8192) fine-tuned 40 steps at 16k and 32k
+# (32k tokens a step) by each of direct / PI / NTK / YaRN, evaluated at 8k, 16k and 32k before, midway and after.
 GPU_CONFIG = RecipeConfig(
     model="smollm2", context=8192, factors=(2, 4), eval_multiples=(1, 2, 4), methods=("pi", "ntk", "yarn"),
     vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, intermediate_size=0,
-    batch_tokens=32768, base_steps=0, base_lr=0.0, base_warmup=0, base_passkey_fraction=0.0, finetune_steps=40,
-    finetune_lr=2e-5, finetune_warmup=5, finetune_passkey=False, eval_targets=32768, eval_block=2048,
-    passkey_trials=20, eval_batch_tokens=65536, checkpoint_every=20, max_train_chars=20_000_000)
+    batch_tokens=32768, base_steps=0, base_lr=0.0, base_warmup=0, base_passkey_fraction=0.0, base_retrieval_steps=0,
+    finetune_steps=40, eval_steps=(20, 40), finetune_lr=2e-5, finetune_warmup=5, finetune_passkey=False,
+    eval_targets=32768, eval_block=2048, passkey_trials=4, eval_batch_tokens=65536, checkpoint_every=20,
+    max_train_chars=20_000_000)
 
-# Two CPU cores, about 20 minutes (with --threads 1 where the cores are shared): a 0.7M-parameter Llama (BPE 2048,
-# 2 layers, head_dim 64) trained at L = 64 on 2.9M tokens (20 % passkey documents), extended x4 by each method with
-# and without the same 60 fine-tuning steps of 4096 tokens, 8 rows evaluated at 64..512; then SmolLM2 without
-# fine-tuning on a 12k-token window (factor 2 for the scaling methods).
+# Two CPU cores: the paper's two curves at a small scale, three seeds. A 0.7M-parameter Llama (BPE 2048, 2 layers,
+# 4 heads of 32) trained at L = 64, first on passkey documents alone until it retrieves (at most 1,500 steps), then on
+# text with half passkey documents; extended x2 and x4 by each method and fine-tuned 100 steps of 4096 tokens on text
+# without passkeys (the same batches for every method), evaluated after 0, 10, 25, 50 and 100 steps at 1 to 4 L.
+# Then SmolLM2 without fine-tuning (the probe).
 CPU_CONFIG = RecipeConfig(
-    model="builtin", context=64, factors=(4,), eval_multiples=(1, 2, 4, 8), methods=("pi", "ntk", "yarn"),
-    vocab_size=2048, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384,
-    batch_tokens=4096, base_steps=700, base_lr=2e-3, base_warmup=50, base_passkey_fraction=0.2, finetune_steps=60,
-    finetune_lr=5e-4, finetune_warmup=6, finetune_passkey=False, eval_targets=32768, eval_block=256,
-    passkey_trials=30, eval_batch_tokens=16384, checkpoint_every=50, max_train_chars=12_000_000,
-    probe=ProbeConfig(window_factor=1.5, factor=2.0, windows=1))
+    model="builtin", context=64, factors=(2, 4), eval_multiples=(1, 1.5, 2, 3, 4), methods=("pi", "ntk", "yarn"),
+    vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=384,
+    batch_tokens=4096, base_steps=700, base_lr=2e-3, base_warmup=50, base_passkey_fraction=0.5,
+    base_retrieval_steps=1500, finetune_steps=100, eval_steps=(10, 25, 50, 100), finetune_lr=5e-4, finetune_warmup=6,
+    finetune_passkey=False, eval_targets=8192, eval_block=256, passkey_trials=10, eval_batch_tokens=16384,
+    checkpoint_every=50, max_train_chars=12_000_000, seeds=(0, 1, 2),
+    probe=ProbeConfig(factor=2.0, passkey_multiples=(1,), passkey_trials=2, window_factor=1.5, windows=3))
 
 # A pipeline check on the interpreter in about a minute: the numbers are meaningless.
 SMOKE_CONFIG = RecipeConfig(
     model="builtin", context=32, factors=(2,), eval_multiples=(1, 2, 4), methods=("pi", "ntk", "yarn"),
     vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-    batch_tokens=64, base_steps=4, base_lr=3e-3, base_warmup=1, base_passkey_fraction=0.25, finetune_steps=2,
-    finetune_lr=1e-3, finetune_warmup=1, finetune_passkey=False, eval_targets=48, eval_block=16, passkey_trials=1,
-    eval_batch_tokens=512, checkpoint_every=2, max_train_chars=100_000, bootstrap=50)
+    batch_tokens=64, base_steps=4, base_lr=3e-3, base_warmup=1, base_passkey_fraction=0.25, base_retrieval_steps=2,
+    finetune_steps=2, eval_steps=(1, 2), finetune_lr=1e-3, finetune_warmup=1, finetune_passkey=False, eval_targets=48,
+    eval_block=16, passkey_trials=1, eval_batch_tokens=512, checkpoint_every=2, max_train_chars=100_000, bootstrap=50)
 
 PRESETS = {"gpu": GPU_CONFIG, "cpu": CPU_CONFIG, "smoke": SMOKE_CONFIG}
 
@@ -180,7 +194,8 @@ class Stage:
     decay: bool
     weight_decay: float
     passkey_fraction: float
-    batches: int                  # seeds the stage's batches: stages with the same value train on the same batches
+    seed: int                     # the run's training seed
+    batches: int                  # with the seed, seeds the stage's batches: equal values, identical batches
 
 
 def _save_atomically(obj, path):
@@ -196,11 +211,13 @@ def _set_checkpointing(model, enabled):
     getattr(model, f"{kind}_checkpointing_{'enable' if enabled else 'disable'}")()
 
 
-def train_stage(model, stage, cfg, data, out, device, layout=None):
+def train_stage(model, stage, cfg, data, out, device, layout=None, *, evaluate_at=(), evaluate=None):
     """Train ``model`` in place for ``stage``; resumes from ``out/checkpoints/<stage>.pt``. Returns a summary.
 
-    With a :class:`~pi_kernels.recipes.distributed.TrainingLayout` (torchrun) a sharded copy trains and its weights
-    are copied back at the end; such a stage does not checkpoint midway.
+    ``evaluate(step)`` is called after each step in ``evaluate_at`` (before that step's checkpoint, so a resumed
+    stage calls it again for a step it may already have recorded); when it returns True the stage ends there. With a
+    :class:`~pi_kernels.recipes.distributed.TrainingLayout` (torchrun) a sharded copy trains and its weights are
+    copied back for each evaluation and at the end; such a stage does not checkpoint midway.
     """
     checkpoint_path = out / "checkpoints" / f"{stage.name}.pt"
     if cfg.gradient_checkpointing:
@@ -225,7 +242,7 @@ def train_stage(model, stage, cfg, data, out, device, layout=None):
     for step in progress:
         # Each step's batch depends only on (seed, batches, step): a resumed run sees the batches it would have had,
         # and every fine-tune at one L' sees the same ones.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage.batches * 100_003 + step)
+        generator = torch.Generator().manual_seed(stage.seed * 1_000_003 + stage.batches * 100_003 + step)
         tokens = recipe_data.training_batch(data["train"], data["tokenizer"], data["passkey_format"], stage.seq_len,
                                             batch, stage.passkey_fraction, generator).to(device)
         with autocast(device):
@@ -242,6 +259,13 @@ def train_stage(model, stage, cfg, data, out, device, layout=None):
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(batch_loss.item(), 5))
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step + 1 in evaluate_at:
+            if layout is not None:
+                layout.copy_back(trained, model)
+            done = evaluate(step + 1)
+            trained.train()
+            if done:
+                break
         if layout is None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stage.steps:
             _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "step": step + 1, "losses": losses,
@@ -252,10 +276,10 @@ def train_stage(model, stage, cfg, data, out, device, layout=None):
         _set_checkpointing(model, False)
     seconds = time.perf_counter() - began
     tail = losses[-max(1, len(losses) // 20):]
-    summary = {"steps": stage.steps, "sequence_length": stage.seq_len, "batch": batch, "peak_lr": stage.lr,
+    summary = {"steps": len(losses), "sequence_length": stage.seq_len, "batch": batch, "peak_lr": stage.lr,
                "passkey_fraction": stage.passkey_fraction, "final_loss": sum(tail) / len(tail) if tail else None,
                "seconds": round(seconds, 1), "losses": losses}
-    print(f"[{stage.name}] {stage.steps} steps at {stage.seq_len} tokens, final loss "
+    print(f"[{stage.name}] {len(losses)} steps at {stage.seq_len} tokens, final loss "
           f"{summary['final_loss'] if tail else float('nan'):.4f}, {seconds:.0f} s")
     return summary
 
@@ -264,7 +288,8 @@ def train_stage(model, stage, cfg, data, out, device, layout=None):
 
 @dataclass(frozen=True)
 class Variant:
-    """A row of the tables: a scaling method at a window, with or without the fine-tune."""
+    """A row of the tables: the base model at L, or a scaling method at L' = factor x L evaluated before and during
+    its fine-tune (``stage``; None when the preset fine-tunes nothing)."""
 
     key: str
     method: str
@@ -295,27 +320,22 @@ def scaled_config(base_config, method, factor):
     return config
 
 
-def variants(cfg, base_config, finetune=True):
-    """The table's rows: extrapolation at L, then each method at each L' without and (``finetune``) with the fine-tune.
+def variants(cfg, base_config, seed):
+    """The rows: the base model at L, then each method (extrapolation first) at each L'.
 
-    Every fine-tune at one L' gets the same batches (``Stage.batches`` is the factor's index).
+    Every fine-tune at one L' trains on the same batches (``Stage.batches`` is the factor's index).
     """
-    rows = [Variant("base", "extrapolation", 1, base_config.max_position_embeddings, base_config, None)]
+    length = base_config.max_position_embeddings
+    rows = [Variant("base", "extrapolation", 1, length, base_config, None)]
     for index, factor in enumerate(cfg.factors, start=1):
-        length = factor * base_config.max_position_embeddings
-        stage = dict(seq_len=length, steps=cfg.finetune_steps, lr=cfg.finetune_lr, warmup=cfg.finetune_warmup,
-                     decay=False, weight_decay=0.0, batches=index,
-                     passkey_fraction=cfg.base_passkey_fraction if cfg.finetune_passkey else 0.0)
-        if finetune and cfg.finetune_steps:
-            direct = scaled_config(base_config, "extrapolation", factor)
-            rows.append(Variant(f"direct_ft_{factor}", "extrapolation", factor, length, direct,
-                                Stage(f"direct_ft_{factor}", **stage)))
-        for method in cfg.methods:
-            config = scaled_config(base_config, method, factor)
-            rows.append(Variant(f"{method}_{factor}", method, factor, length, config, None))
-            if finetune and cfg.finetune_steps:
-                rows.append(Variant(f"{method}_ft_{factor}", method, factor, length, config,
-                                    Stage(f"{method}_ft_{factor}", **stage)))
+        window = factor * length
+        for method in ("extrapolation", *cfg.methods):
+            key = f"{method}_{factor}"
+            stage = Stage(key, seq_len=window, steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                          warmup=cfg.finetune_warmup, decay=False, weight_decay=0.0, seed=seed, batches=index,
+                          passkey_fraction=cfg.base_passkey_fraction if cfg.finetune_passkey else 0.0)
+            rows.append(Variant(key, method, factor, window, scaled_config(base_config, method, factor),
+                                stage if cfg.finetune_steps else None))
     return rows
 
 
@@ -391,23 +411,28 @@ def _measure_flop_rate(model, device, batch_tokens, *, max_len=2048, train=True)
 
 
 def plan(cfg, base_config, rows, *, train_base):
-    """What the run will do: a list of (what, FLOPs)."""
+    """What the run will do, all seeds together: a list of (what, FLOPs)."""
     length = base_config.max_position_embeddings
+    seeds = len(cfg.seeds)
     work = []
     if train_base:
-        work.append((f"train the base model: {cfg.base_steps} steps x {cfg.batch_tokens} tokens at {length}",
-                     3 * _flops_per_token(base_config, length) * cfg.base_steps * cfg.batch_tokens))
+        steps = cfg.base_retrieval_steps + cfg.base_steps
+        work.append((f"train the base model: up to {steps} steps x {cfg.batch_tokens} tokens at {length}, "
+                     f"{seeds} seed(s)",
+                     3 * _flops_per_token(base_config, length) * steps * cfg.batch_tokens * seeds))
     for row in rows:
         if row.stage:
-            work.append((f"fine-tune {row.key}: {row.stage.steps} steps x {cfg.batch_tokens} tokens at {row.window}",
-                         3 * _flops_per_token(base_config, row.window) * row.stage.steps * cfg.batch_tokens))
+            work.append((f"fine-tune {row.key}: {row.stage.steps} steps x {cfg.batch_tokens} tokens at {row.window}, "
+                         f"{seeds} seed(s)", 3 * _flops_per_token(base_config, row.window) * row.stage.steps
+                         * cfg.batch_tokens * seeds))
     evaluated = 0
-    for multiple in cfg.eval_multiples:
-        context = multiple * length
+    for context in (int(multiple * length) for multiple in cfg.eval_multiples):
         # sliding windows of stride context / 2 (at least one per document), then the passkey documents
         windows = math.ceil(cfg.eval_targets / cfg.eval_block) * max(1, math.ceil(cfg.eval_block / (context // 2)))
-        evaluated += _flops_per_token(base_config, context) * context * (windows + cfg.passkey_trials)
-    work.append((f"evaluate {len(rows)} rows at {len(cfg.eval_multiples)} contexts", evaluated * len(rows)))
+        documents = cfg.passkey_trials * len(recipe_data.PASSKEY_DEPTHS)
+        evaluated += _flops_per_token(base_config, context) * context * (windows + documents)
+    evaluations = sum(1 + (len(cfg.eval_steps) if row.stage else 0) for row in rows) * seeds
+    work.append((f"{evaluations} evaluations at {len(cfg.eval_multiples)} contexts", evaluated * evaluations))
     return work
 
 
@@ -432,18 +457,19 @@ def _probe_only_plan(cfg, preset, pretrained, device):
     """Print the plan of a pretrained model's probe (a preset with a probe and ``--model``); returns its seconds."""
     seconds = _probe_seconds(cfg.probe, pretrained, device)
     print(f"Preset {preset!r} on {device.type.upper()}: {cfg.model} without fine-tuning (fine-tuning it does not "
-          f"fit this preset), perplexity by position on {cfg.probe.windows} window(s) past its context for "
-          f"{', '.join(cfg.probe.methods)}. Expected: ~{seconds / 60:.0f} min.", flush=True)
+          f"fit this preset) for {', '.join(cfg.probe.methods)}: passkey retrieval at "
+          f"{', '.join(f'{m} L' for m in cfg.probe.passkey_multiples)}, then perplexity by position on "
+          f"{cfg.probe.windows} window(s) past its context. Expected: ~{seconds / 60:.0f} min.", flush=True)
     return seconds
 
 
-def _announce(cfg, preset, base_config, pretrained, device, probe):
+def _announce(cfg, preset, base_config, pretrained, device, probe, *, train_base):
     """Print the plan of the method's run on ``base_config`` and its estimated time; returns the seconds."""
-    rows = variants(cfg, base_config)
+    rows = variants(cfg, base_config, cfg.seeds[0])
     rate = _measure_flop_rate(patch_model(transformers.AutoModelForCausalLM.from_config(base_config).to(device)),
                               device, cfg.batch_tokens)
     probe_seconds = _probe_seconds(cfg.probe, pretrained, device) if probe and cfg.probe is not None else 0.0
-    return _print_plan(cfg, preset, plan(cfg, base_config, rows, train_base=cfg.model == "builtin"), rate, device,
+    return _print_plan(cfg, preset, plan(cfg, base_config, rows, train_base=train_base), rate, device,
                        probe_seconds)
 
 
@@ -473,7 +499,7 @@ def show_plan(cfg, *, preset, device=None, probe=True):
     if not builtin and cfg.probe is not None:
         return _probe_only_plan(cfg, preset, pretrained, device)
     base_config = _builtin_config(cfg, cfg.vocab_size) if builtin else pretrained[0]
-    return _announce(cfg, preset, base_config, pretrained, device, probe)
+    return _announce(cfg, preset, base_config, pretrained, device, probe, train_base=builtin)
 
 
 # ------------------------------------------------------------------------------------------------------- the run
@@ -503,34 +529,107 @@ def _environment(device):
             "tokenizers": metadata.version("tokenizers")}
 
 
-def _base_model_state(cfg, base_config, data, out, device, results, layout):
-    """Weights of the built-in base model trained at L (trained now, or read back from a finished stage)."""
+def _base_model_state(cfg, base_config, data, seed, out, device, results, layout):
+    """Weights of the built-in base model trained at L (trained now, or read back from a finished stage).
+
+    With ``cfg.base_retrieval_steps`` a first stage trains on passkey documents alone (a curriculum) at a constant
+    rate until the model retrieves at L (>= RETRIEVED at every depth, checked every RETRIEVAL_CHECK_EVERY steps on
+    documents the evaluation never uses) or for that many steps: mixed into text from the start, a model this small
+    had not learned to retrieve after 1,500 steps (0 % at every depth, measured with 50 % and 75 % passkey
+    documents), while on passkey documents alone retrieval appeared after 300-400 steps, when it appears at all
+    (the step varies with the seed). The main stage then mixes text and passkey documents at
+    ``cfg.base_passkey_fraction`` with a cosine schedule.
+    """
     base_dir = out / "checkpoints" / "base"
     if (base_dir / "config.json").exists():
         return transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = patch_model(transformers.LlamaForCausalLM(base_config).to(device))
-    stage = Stage("base", seq_len=cfg.context, steps=cfg.base_steps, lr=cfg.base_lr, warmup=cfg.base_warmup,
-                  decay=True, weight_decay=cfg.weight_decay, passkey_fraction=cfg.base_passkey_fraction, batches=0)
-    results.data["training"]["base"] = train_stage(model, stage, cfg, data, out, device, layout)
-    model.save_pretrained(base_dir)
+    common = dict(seq_len=cfg.context, lr=cfg.base_lr, warmup=cfg.base_warmup, weight_decay=cfg.weight_decay,
+                  seed=seed)
+    stages = [Stage("base", steps=cfg.base_steps, decay=True, passkey_fraction=cfg.base_passkey_fraction, batches=0,
+                    **common)]
+    if cfg.base_retrieval_steps:
+        stages.insert(0, Stage("base_retrieval", steps=cfg.base_retrieval_steps, decay=False, passkey_fraction=1.0,
+                               batches=-1, **common))
+    for stage in stages:  # each stage's final weights are a checkpoint folder: a resumed run restarts after it
+        stage_dir = out / "checkpoints" / stage.name
+        if (stage_dir / "config.json").exists():
+            model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(stage_dir).state_dict())
+            continue
+        checks = {}
+        retrieving = functools.partial(_retrieves, model, data, cfg.context, device, checks)
+        results.data["training"][stage.name] = train_stage(
+            model, stage, cfg, data, out, device, layout, evaluate=retrieving,
+            evaluate_at=range(RETRIEVAL_CHECK_EVERY, stage.steps, RETRIEVAL_CHECK_EVERY)
+            if stage.name == "base_retrieval" else ())
+        if checks:
+            results.data["training"][stage.name]["retrieval_checks"] = checks
+        model.save_pretrained(stage_dir)
+        (out / "checkpoints" / f"{stage.name}.pt").unlink(missing_ok=True)
+        results.save()
     data["tokenizer"].save_pretrained(base_dir)  # a checkpoint that --model can extend again
-    (out / "checkpoints" / "base.pt").unlink(missing_ok=True)
-    results.save()
     return model.state_dict()
 
 
+# The retrieval stage checks its model this often on documents of its own (not the evaluation's) and ends once
+# retrieval at L reaches RETRIEVED at every depth.
+RETRIEVAL_CHECK_EVERY = 50
+RETRIEVED = 0.95
+
+
+def _retrieves(model, data, context, device, checks, step):
+    """Whether ``model`` retrieves at ``context`` at every depth (10 documents per depth, seed 1); records the check."""
+    cell = passkey_accuracy(model, data["tokenizer"], data["passkey_format"], context,
+                            depths=recipe_data.PASSKEY_DEPTHS, trials=10, seed=1, batch_tokens=4096, device=device)
+    checks[str(step)] = cell["by_depth"]
+    print(f"[retrieval check, step {step}] " + ", ".join(f"{d}: {100 * v:.0f}%" for d, v in cell["by_depth"].items()))
+    return min(cell["by_depth"].values()) >= RETRIEVED
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What every model of a run is scored on: the same perplexity targets and the same passkey documents (seed 0,
+    whatever the training seed) at the same contexts."""
+
+    targets: PerplexityTargets
+    tokenizer: object
+    passkey_format: object
+    contexts: tuple
+    passkey_trials: int
+    batch_tokens: int
+    bootstrap: int
+    device: torch.device
+
+    def __call__(self, model):
+        return {"perplexity": {str(context): perplexity(model, self.targets, context, batch_tokens=self.batch_tokens,
+                                                        device=self.device, bootstrap=self.bootstrap, seed=0)
+                               for context in self.contexts},
+                "passkey": {str(context): passkey_accuracy(model, self.tokenizer, self.passkey_format, context,
+                                                           depths=recipe_data.PASSKEY_DEPTHS,
+                                                           trials=self.passkey_trials, seed=0,
+                                                           batch_tokens=self.batch_tokens, device=self.device)
+                            for context in self.contexts}}
+
+
 def _row_record(row):
-    return {"key": row.key, "method": METHODS[row.method][row.stage is not None], "scaling": row.method,
-            "factor": row.factor, "context_window": row.window, "rope": dict(row.config.rope_parameters),
-            "finetune_steps": row.stage.steps if row.stage else 0, "perplexity": {}, "passkey_accuracy": {}}
+    return {"key": row.key, "method": METHODS[row.method], "scaling": row.method, "factor": row.factor,
+            "context_window": row.window, "rope": dict(row.config.rope_parameters), "evaluations": {}}
+
+
+def _passkey_format(config, builtin):
+    """The paper's prompt for pretrained models, where its ~100 tokens fit in L; the compact one that the built-in
+    model learns in its base training otherwise."""
+    return PAPER_PASSKEY if not builtin and config.max_position_embeddings >= 512 else COMPACT_PASSKEY
 
 
 def run_probe(probe, pretrained, *, device, results, results_path, text_file=None):
-    """A pretrained model without fine-tuning on ``probe.windows`` windows past its context L (``probe.window_factor``
-    x L tokens): perplexity by token position, for extrapolation and each method at ``probe.factor``.
+    """A pretrained model without fine-tuning, for extrapolation and each method at ``probe.factor``: passkey
+    retrieval (the paper's prompt) at each of ``probe.passkey_multiples`` x L by depth, then perplexity by token
+    position in ``probe.windows`` windows of ``probe.window_factor`` x L tokens.
 
-    ``pretrained`` is what :func:`load_pretrained` returns. Writes ``results["probe"]``; resumes a partial one.
+    ``pretrained`` is what :func:`load_pretrained` returns. Writes ``results["probe"]`` after every cell, so an
+    interrupted probe resumes where it stopped; contexts run shortest first, so a partial probe has whole columns.
     """
     config, state, tokenizer = pretrained
     length = config.max_position_embeddings
@@ -538,29 +637,54 @@ def run_probe(probe, pretrained, *, device, results, results_path, text_file=Non
     _, corpus = recipe_data.load_corpus(lambda _documents: tokenizer, text_file, max_train_chars=0)
     edges = [0, length // 2, length, (length + window) // 2, window]
     section = results.setdefault("probe", {"model": results["model"], "context": length, "window": window,
-                                           "windows": probe.windows, "factor": probe.factor, "rows": []})
+                                           "windows": probe.windows, "factor": probe.factor,
+                                           "depths": list(recipe_data.PASSKEY_DEPTHS), "passkey": [], "rows": []})
+    models = {}
+
+    def model_of(method):
+        if method not in models:
+            models.clear()  # one model at a time: pretrained models are large
+            models[method] = _build(scaled_config(config, method, probe.factor if method != "extrapolation" else 1),
+                                    state, device)
+        return models[method]
+
+    cells = [(int(multiple * length), method) for multiple in probe.passkey_multiples for method in probe.methods]
+    done = {(cell["context"], cell["scaling"]) for cell in section["passkey"]}
+    for context, method in tqdm(cells, desc="probe passkey"):
+        if (context, method) in done:
+            continue
+        began = time.perf_counter()
+        cell = passkey_accuracy(model_of(method), tokenizer, _passkey_format(config, False), context,
+                                depths=recipe_data.PASSKEY_DEPTHS,
+                                trials=probe.passkey_trials, seed=0, batch_tokens=context, device=device)
+        section["passkey"].append({"method": METHODS[method], "scaling": method, "context": context, **cell,
+                                   "seconds": round(time.perf_counter() - began, 1)})
+        _write_json(results_path, results)
+        print(f"[probe passkey {method} @ {context}] {100 * cell['accuracy']:.0f}% of {cell['trials']}")
     done = {row["scaling"] for row in section["rows"]}
-    for method in tqdm(probe.methods, desc="probe"):
+    for method in tqdm(probe.methods, desc="probe perplexity"):
         if method in done:
             continue
-        model = _build(scaled_config(config, method, probe.factor if method != "extrapolation" else 1), state, device)
         began = time.perf_counter()
-        positions = position_perplexity(model, corpus.held_out, window, windows=probe.windows, edges=edges,
-                                        device=device)
-        section["rows"].append({"method": METHODS[method][0], "scaling": method, "positions": positions,
+        positions = position_perplexity(model_of(method), corpus.held_out, window, windows=probe.windows,
+                                        edges=edges, device=device)
+        section["rows"].append({"method": METHODS[method], "scaling": method, "positions": positions,
                                 "seconds": round(time.perf_counter() - began, 1)})
         _write_json(results_path, results)
         print(f"[probe {method}] " + ", ".join(f"{p['from']}-{p['to']}: {p['value']:.3g}" for p in positions))
-        del model
     return section
 
 
 def _probe_seconds(probe, pretrained, device):
     """Estimated time of :func:`run_probe` from a forward measured now on the model itself."""
     config = pretrained[0]
-    window = int(config.max_position_embeddings * probe.window_factor)
+    length = config.max_position_embeddings
     rate = _measure_flop_rate(_build(config, pretrained[1], device), device, 512, max_len=512, train=False)
-    return len(probe.methods) * probe.windows * window * _flops_per_token(config, window) / rate
+    passkey = sum(len(recipe_data.PASSKEY_DEPTHS) * probe.passkey_trials * context * _flops_per_token(config, context)
+                  for context in (int(multiple * length) for multiple in probe.passkey_multiples))
+    window = int(length * probe.window_factor)
+    positions = probe.windows * window * _flops_per_token(config, window)
+    return len(probe.methods) * (passkey + positions) / rate
 
 
 class _Results:
@@ -585,33 +709,115 @@ class _Results:
         _write_json(self.path, self.data)
 
 
-def _write_reports(results, out, command, smoke):
-    tables = format_tables(results)
-    notes = findings(results) if results["rows"] else []
+def _write_reports(summary, out, smoke):
+    """``summary.json``, ``table.md`` and the plots of a run (every seed, and the probe where there is one)."""
+    _write_json(out / "summary.json", summary)
+    tables = format_tables(summary)
+    notes = findings(summary)
+    seconds = summary["seconds"]
     (out / "table.md").write_text(
         ("> SMOKE RUN: tiny model, few steps; the numbers are meaningless.\n\n" if smoke else "")
-        + f"Command: `{command}`\n\nRan on {results['environment']['device']} with "
-          f"{results['environment']['ops']}, {results['seconds'] / 60:.0f} min.\n\n{tables}\n\n"
+        + "\n".join(f"Command: `{command}`" for command in summary["commands"])
+        + f"\n\nRan on {summary['environment']['device']} with {summary['environment']['ops']}; measured time "
+          + ", ".join(f"{what} {value / 60:.0f} min" for what, value in seconds.items()) + f".\n\n{tables}\n\n"
         + "\n".join(f"- {line}" for line in notes) + "\n")
-    write_plots(results, out)
+    write_plots(summary, out)
     print("\n" + tables + "\n\n" + "\n".join(notes))
-    print(f"\nResults: {out / 'results.json'}, {out / 'table.md'} and plots in {out} "
-          f"({results['seconds'] / 60:.1f} min)")
+    print(f"\nResults: {out / 'summary.json'}, {out / 'table.md'} and plots in {out}")
 
 
-def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=None, probe=True, layout=None):
-    """Run the recipe into ``out``; returns the results dict (also ``out/results.json``).
+def _header(cfg, device, layout, smoke):
+    return {"recipe": "pi_kernels.recipes.extend_context", "paper": "arXiv 2306.15595", "model": cfg.model,
+            "environment": _environment(device),
+            "parallel": layout.describe() if layout is not None else {"world_size": 1},
+            "note": ("SMOKE RUN: tiny model, few steps; the numbers are meaningless." if smoke else
+                     "Numbers as measured by this run; nothing is tuned to the expected outcome.")}
+
+
+def _run_probe_only(cfg, pretrained, *, out, preset, text_file, resume, command, device, header):
+    """The probe of a pretrained model into ``out/results.json``; returns the results dict."""
+    settings = {"probe_config": dataclasses.asdict(cfg.probe), "model": cfg.model, "preset": preset, "text": text_file}
+    results = _Results(out, settings, resume=resume, command=command,
+                       header={**header, "context": pretrained[0].max_position_embeddings})
+    results.data.update(environment=header["environment"], parallel=header["parallel"])
+    run_probe(cfg.probe, pretrained, device=device, results=results.data, results_path=results.path,
+              text_file=text_file)
+    results.save()
+    return results.data
+
+
+def _run_seed(cfg, seed, rows, *, out, data, evaluation, base_state, base_from, settings, resume, command, header,
+              device, layout):
+    """Every row of one training seed into ``out/results.json`` (resuming whatever it already holds); the base
+    model is ``base_state``, else the one ``base_from`` trained for this seed, else trained now."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    results = _Results(out, {**settings, "seed": seed}, resume=resume, command=command,
+                       header={**header, "seed": seed, "context": rows[0].window,
+                               "eval_contexts": list(evaluation.contexts)})
+    results.data.update(environment=header["environment"], parallel=header["parallel"])
+    if base_state is None and base_from is not None:
+        base_dir = Path(base_from) / f"seed{seed}" / "checkpoints" / "base"
+        if not (base_dir / "config.json").exists():
+            raise FileNotFoundError(f"--base-from {base_from}: no trained base model of seed {seed} at {base_dir}")
+        base_state = _build(rows[0].config, transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict(),
+                            device).state_dict()  # loading into this run's architecture checks that it is the same
+    if base_state is None:
+        base_state = _base_model_state(cfg, rows[0].config, data, seed, out, device, results, layout)
+    records = {row["key"]: row for row in results.data["rows"]}
+    for row in tqdm(rows, desc=f"seed {seed}"):
+        record = records.setdefault(row.key, _row_record(row))
+        results.data["rows"] = list(records.values())
+        evaluations = record["evaluations"]
+        steps = [0, *(cfg.eval_steps if row.stage else ())]
+        stage_dir = out / "checkpoints" / row.key
+        if all(str(step) in evaluations for step in steps) and (row.stage is None or stage_dir.exists()):
+            continue
+        model = _build(row.config, base_state, device)
+
+        def evaluate(step, model=model, row=row, evaluations=evaluations):
+            if str(step) in evaluations:
+                return
+            # Extrapolation before fine-tuning is the base model itself: its evaluation is the base row's.
+            same = step == 0 and row.method == "extrapolation" and "0" in records["base"]["evaluations"]
+            evaluations[str(step)] = records["base"]["evaluations"]["0"] if same else evaluation(model)
+            results.save()
+            scores = evaluations[str(step)]
+            print(f"[seed {seed}, {row.key}, step {step}] passkey "
+                  + ", ".join(f"{c}: {100 * cell['accuracy']:.0f}%" for c, cell in scores["passkey"].items())
+                  + "; perplexity " + ", ".join(f"{c}: {cell['value']:.3g}"
+                                                for c, cell in scores["perplexity"].items()))
+
+        evaluate(0)
+        if row.stage is not None and not stage_dir.exists():
+            results.data["training"][row.key] = train_stage(model, row.stage, cfg, data, out, device, layout,
+                                                            evaluate_at=cfg.eval_steps, evaluate=evaluate)
+            model.save_pretrained(stage_dir)
+            (out / "checkpoints" / f"{row.key}.pt").unlink(missing_ok=True)
+            results.save()
+        del model
+    results.save()
+    return results.data
+
+
+def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=None, probe=True, layout=None,
+        base_from=None):
+    """Run the recipe into ``out``; returns the summary (also ``out/summary.json``).
+
+    Each training seed runs into ``out/seed<n>/`` (``results.json``, checkpoints), so seeds can also run as separate
+    processes (``--seeds n``) into one ``out`` and a last ``--resume`` with every seed assembles them. The summary,
+    tables and plots cover the seeds of ``cfg.seeds`` and the probe found in ``out/smollm2_probe`` (run there by
+    ``probe`` on the ``cpu`` preset, or by ``--model smollm2 --out <out>/smollm2_probe``).
+
+    ``base_from``: the folder of an earlier built-in run whose base models (``seed<n>/checkpoints/base``) and
+    tokenizer this run reuses instead of training its own (other fine-tunes on the same bases).
 
     ``layout``: the torchrun job's :class:`~pi_kernels.recipes.distributed.TrainingLayout` (its training stages run
-    on every rank), None in one process.
-
-    A pretrained model on a preset with a probe (``cpu``) runs the probe only: fine-tuning it does not fit there.
-    The built-in model runs the method, then (``probe``) the probe of SmolLM2 where its package is installed.
+    on every rank), None in one process. A pretrained model on a preset with a probe (``cpu``) runs the probe only
+    (fine-tuning it does not fit there): its results are ``out/results.json``.
     """
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    settings = {"config": dataclasses.asdict(cfg), "preset": preset, "text": text_file, "with_probe": probe}
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     smoke = preset == "smoke"
@@ -620,88 +826,50 @@ def run(cfg, *, out, preset, text_file=None, resume=False, device=None, command=
               "the pipeline works.")
     builtin = cfg.model == "builtin"
     probe = _probe_wanted(cfg, probe)
-    pretrained = load_pretrained("smollm2" if builtin else cfg.model) \
-        if (probe and cfg.probe is not None) or not builtin else None
-    header = {"recipe": "pi_kernels.recipes.extend_context", "paper": "arXiv 2306.15595", "model": cfg.model,
-              "environment": _environment(device),
-              "parallel": layout.describe() if layout is not None else {"world_size": 1},
-              "note": ("SMOKE RUN: tiny model, few steps; the numbers are meaningless." if smoke else
-                       "Numbers as measured by this run; nothing is tuned to the expected outcome.")}
-
+    header = _header(cfg, device, layout, smoke)
     if not builtin and cfg.probe is not None:
+        pretrained = load_pretrained(cfg.model)
         _probe_only_plan(cfg, preset, pretrained, device)
-        results = _Results(out, settings, resume=resume, command=command,
-                           header={**header, "context": pretrained[0].max_position_embeddings, "eval_contexts": []})
-        results.data.update(environment=header["environment"], parallel=header["parallel"])
-        run_probe(cfg.probe, pretrained, device=device, results=results.data, results_path=results.path,
-                  text_file=text_file)
-        results.save()
-        _write_reports(results.data, out, command, smoke)
-        return results.data
+        results = _run_probe_only(cfg, pretrained, out=out, preset=preset, text_file=text_file, resume=resume,
+                                  command=command, device=device, header=header)
+        summary = summarize({}, results, header=header)
+        _write_reports(summary, out, smoke)
+        return results
 
-    tokenizer, corpus = recipe_data.load_corpus(_tokenizer_spec(cfg, out), text_file, cfg.max_train_chars)
-    if builtin:
-        base_config, base_state = _builtin_config(cfg, tokenizer.vocab_size), None
-    else:
-        base_config, base_state, _ = pretrained
-    # The paper's prompt for pretrained models, where its ~100 tokens fit in L; the compact one that the built-in
-    # model learns in its base training otherwise.
-    passkey_format = PAPER_PASSKEY if not builtin and base_config.max_position_embeddings >= 512 else COMPACT_PASSKEY
+    pretrained = None if builtin else load_pretrained(cfg.model)
+    # A run on another run's base models tokenizes as that run did.
+    tokenizer, corpus = recipe_data.load_corpus(_tokenizer_spec(cfg, Path(base_from or out)), text_file,
+                                                cfg.max_train_chars)
+    base_config = _builtin_config(cfg, tokenizer.vocab_size) if builtin else pretrained[0]
+    passkey_format = _passkey_format(base_config, builtin)
     data = {"train": corpus.train, "tokenizer": tokenizer, "passkey_format": passkey_format}
-    rows = variants(cfg, base_config)
     length = base_config.max_position_embeddings
-    contexts = [multiple * length for multiple in cfg.eval_multiples]
+    contexts = tuple(int(multiple * length) for multiple in cfg.eval_multiples)
     targets = PerplexityTargets(corpus.held_out, block=cfg.eval_block, targets=cfg.eval_targets,
                                 max_context=max(contexts))
-    _announce(cfg, preset, base_config, pretrained, device, probe)
-
-    results = _Results(out, settings, resume=resume, command=command,
-                       header={**header, "context": length, "eval_contexts": contexts})
-    results.data.update(environment=header["environment"], parallel=header["parallel"], corpus=corpus.description,
-                        passkey_format=dataclasses.asdict(passkey_format),
-                        perplexity_targets={"targets": targets.count, "documents": len(targets.documents),
-                                            "per_document": cfg.eval_block, "stride": "context / 2"})
-    if builtin:
-        base_state = _base_model_state(cfg, base_config, data, out, device, results, layout)
-    records = {row["key"]: row for row in results.data["rows"]}
-    for row in tqdm(rows, desc="rows"):
-        record = records.setdefault(row.key, _row_record(row))
-        pending = [c for c in contexts if str(c) not in record["perplexity"] or str(c) not in
-                   record["passkey_accuracy"]]
-        stage_dir = out / "checkpoints" / row.key
-        trained = row.stage is None or (stage_dir / "config.json").exists()
-        if not pending and trained:
-            continue
-        model = _build(row.config, base_state, device)
-        if row.stage is not None:
-            if trained:
-                model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(stage_dir).state_dict())
-            else:
-                results.data["training"][row.key] = train_stage(model, row.stage, cfg, data, out, device,
-                                                                layout)
-                model.save_pretrained(stage_dir)
-                (out / "checkpoints" / f"{row.key}.pt").unlink(missing_ok=True)
-                results.save()
-        for context in pending:
-            record["perplexity"][str(context)] = perplexity(
-                model, targets, context, batch_tokens=cfg.eval_batch_tokens, device=device, bootstrap=cfg.bootstrap,
-                seed=cfg.seed)
-            record["passkey_accuracy"][str(context)] = passkey_accuracy(
-                model, tokenizer, passkey_format, context, trials=cfg.passkey_trials, seed=cfg.seed,
-                batch_tokens=cfg.eval_batch_tokens, device=device)
-            results.data["rows"] = list(records.values())
-            results.save()
-        print(f"[{row.key}] {record['method']}, window {row.window}: perplexity "
-              + ", ".join(f"{c}: {record['perplexity'][str(c)]['value']:.3g}" for c in contexts))
-        del model
-
-    results.data["rows"] = list(records.values())
+    evaluation = Evaluation(targets, tokenizer, passkey_format, contexts, cfg.passkey_trials, cfg.eval_batch_tokens,
+                            cfg.bootstrap, device)
+    _announce(cfg, preset, base_config, pretrained, device, probe, train_base=builtin and base_from is None)
+    header = {**header, "corpus": corpus.description, "passkey_format": dataclasses.asdict(passkey_format),
+              "perplexity_targets": {"targets": targets.count, "documents": len(targets.documents),
+                                     "per_document": cfg.eval_block, "stride": "context / 2"}}
+    settings = {"config": {**dataclasses.asdict(cfg), "seeds": None, "probe": None}, "preset": preset,
+                "text": text_file, "base_from": None if base_from is None else str(base_from)}
+    seeds = {seed: _run_seed(cfg, seed, variants(cfg, base_config, seed), out=out / f"seed{seed}", data=data,
+                             evaluation=evaluation, base_state=None if builtin else pretrained[1], base_from=base_from,
+                             settings=settings,
+                             resume=resume, command=command, header=header, device=device, layout=layout)
+             for seed in cfg.seeds}
+    probe_out = out / "smollm2_probe"
     if probe and cfg.probe is not None:
-        run_probe(cfg.probe, pretrained, device=device, results=results.data, results_path=results.path,
-                  text_file=text_file)
-    results.save()
-    _write_reports(results.data, out, command, smoke)
-    return results.data
+        _run_probe_only(dataclasses.replace(cfg, model="smollm2"), load_pretrained("smollm2"), out=probe_out,
+                        preset=preset, text_file=text_file, resume=True, command=command, device=device,
+                        header=_header(dataclasses.replace(cfg, model="smollm2"), device, layout, smoke))
+    probe_results = json.loads((probe_out / "results.json").read_text()) if (probe_out / "results.json").exists() \
+        else None
+    summary = summarize(seeds, probe_results, header=header)
+    _write_reports(summary, out, smoke)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------- command line
@@ -733,7 +901,9 @@ def build_parser():
     parser.add_argument("--eval-targets", type=int, help="held-out targets scored at every context")
     parser.add_argument("--no-probe", action="store_true", help="skip the cpu preset's SmolLM2 probe (with --model "
                         "smollm2 the cpu preset runs the probe alone)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (model init and data order), each into "
+                        "--out/seed<n>; run them as separate processes into one --out, then --resume with all of "
+                        "them to assemble the summary")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a machine shared with "
                         "other busy processes)")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and "
@@ -741,6 +911,8 @@ def build_parser():
     parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
                         help="under torchrun: split each training sequence across N ranks (default 1); data "
                         "parallel over the remaining ranks")
+    parser.add_argument("--base-from", type=Path, metavar="DIR", help="reuse the base models and tokenizer of the "
+                        "built-in run in DIR (its seed<n>/checkpoints/base) instead of training them again")
     parser.add_argument("--plan", action="store_true", help="print the plan and its estimated time (from a FLOP "
                         "rate measured in seconds here), then stop: nothing is trained, evaluated or written")
     return parser
@@ -753,7 +925,11 @@ def config_from_args(args):
                  "factors": tuple(args.factors) if args.factors else None,
                  "methods": tuple(args.methods) if args.methods else None, "base_steps": args.base_steps,
                  "finetune_steps": args.finetune_steps, "finetune_passkey": args.finetune_passkey,
-                 "passkey_trials": args.passkey_trials, "eval_targets": args.eval_targets, "seed": args.seed}
+                 "passkey_trials": args.passkey_trials, "eval_targets": args.eval_targets,
+                 "seeds": tuple(args.seeds) if args.seeds else None}
+    if args.finetune_steps is not None:  # the preset's evaluation steps that fit, and the new last step
+        overrides["eval_steps"] = tuple(sorted({step for step in PRESETS[preset].eval_steps
+                                                if step < args.finetune_steps} | {args.finetune_steps} - {0}))
     cfg = dataclasses.replace(PRESETS[preset], **{key: value for key, value in overrides.items()
                                                  if value is not None})
     return preset, cfg
@@ -779,7 +955,7 @@ def main(argv=None):
     command = f"{launcher} -m pi_kernels.recipes.extend_context " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         return run(cfg, out=out, preset=preset, text_file=args.text, resume=args.resume, device=device,
-                   command=command.strip(), probe=not args.no_probe, layout=layout)
+                   command=command.strip(), probe=not args.no_probe, layout=layout, base_from=args.base_from)
     finally:
         if layout is not None:
             layout.close()
