@@ -79,3 +79,18 @@ def test_snippet_runs(tmp_path, line, code, skip_reason, output):
     if output is not None:
         assert _same_output(result.stdout, output), \
             f"README.md:{line} printed:\n{result.stdout}\nbut the README says it prints:\n{output}"
+
+
+def test_recipe_tables_are_copied_from_the_committed_results():
+    """The README's tables of the PI recipe are the committed ``table.md`` files' own rows, never typed by hand."""
+    with open(README, encoding="utf-8") as file:
+        text = file.read()
+    section = text[text.index("### The PI recipe"):text.index("## Training past one GPU")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| Method |")
+            and not line.startswith("| Seed |")]
+    results = os.path.join(ROOT, "examples", "results", "cpu")
+    committed = "".join(open(os.path.join(folder, "table.md"), encoding="utf-8").read()
+                        for folder, _, names in os.walk(results) if "table.md" in names)
+    assert rows, "no recipe table in the README"
+    for row in rows:
+        assert row in committed, f"README row not in any examples/results/cpu/**/table.md: {row}"

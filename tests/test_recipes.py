@@ -244,8 +244,10 @@ def test_evaluation_steps_and_seeds_are_checked():
             recipe.dataclasses.replace(SMOKE, seeds=seeds)
     parse = recipe.build_parser().parse_args
     # --finetune-steps keeps the preset's evaluation steps that fit and ends on the new length.
-    assert recipe.config_from_args(parse(["--preset", "cpu", "--finetune-steps", "60"]))[1].eval_steps == (10, 25, 50, 60)
-    assert recipe.config_from_args(parse(["--preset", "cpu", "--finetune-steps", "0"]))[1].eval_steps == ()
+    def steps(finetune):
+        return recipe.config_from_args(parse(["--preset", "cpu", "--finetune-steps", finetune]))[1].eval_steps
+
+    assert steps("60") == (10, 25, 50, 60) and steps("0") == ()
 
 
 def test_each_method_scales_rope_as_published():

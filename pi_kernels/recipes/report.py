@@ -74,6 +74,7 @@ def summarize(seeds, probe, *, header):
         commands += [probe["command"], *probe.get("resumed_with", [])]
         seconds["SmolLM2 probe"] = probe["seconds"]
         summary["smollm2"] = probe["probe"]
+    summary["commands"] = list(dict.fromkeys(commands))  # seeds run together share their commands
     return summary
 
 
@@ -95,8 +96,12 @@ def _spread(values, digits):
 
 
 def _percent(values):
-    return _spread([100 * value for value in values], 0).replace(" [", "% [").replace("]", "%]") + (
-        "%" if len(values) == 1 else "")
+    """Shares as percentages: mean [min, max] over seeds (a single seed: its value)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.0f}%"
+    return f"{100 * statistics.fmean(values):.0f}% [{100 * min(values):.0f}%, {100 * max(values):.0f}%]"
 
 
 def _curves(summary):
@@ -150,11 +155,12 @@ def _curve_tables(summary):
                     continue
                 cells = []
                 for step in steps:
-                    if what == "effective_window":
-                        values = [record["effective_window"] for record in summary["effective_windows"]
+                    if what == "effective_window":  # a few discrete values: each seed's, in seed order
+                        values = [record["effective_window"] for record in sorted(
+                            summary["effective_windows"], key=lambda record: record["seed"])
                                   if record["window"] == window and record["method"] == method
                                   and record["ft_steps"] == step]
-                        cells.append(_spread(values, 0))
+                        cells.append(" / ".join(map(str, values)))
                         continue
                     at = length if what == "perplexity_at_L" else window
                     values = [record["passkey" if what == "passkey" else "perplexity"] for record in
@@ -162,9 +168,11 @@ def _curve_tables(summary):
                                        context=at).values()]
                     cells.append(_percent(values) if what == "passkey" else _spread(values, 3))
                 lines.append([labels[method], *cells])
-            seeds = len(summary["seeds"])
-            tables.append(_table(f"L' = {window}: {title}, by fine-tuning steps (mean [min, max] over {seeds} seeds)"
-                                 if seeds > 1 else f"L' = {window}: {title}, by fine-tuning steps",
+            seeds = summary["seeds"]
+            spread = ("seeds " + " / ".join(map(str, seeds)) if what == "effective_window" else
+                      f"mean [min, max] over {len(seeds)} seeds")
+            tables.append(_table(f"L' = {window}: {title}, by fine-tuning steps ({spread})" if len(seeds) > 1 else
+                                 f"L' = {window}: {title}, by fine-tuning steps",
                                  ["Method", *(f"{step} steps" for step in steps)], lines))
     return tables
 
