@@ -532,6 +532,11 @@ def _environment(device):
             "tokenizers": metadata.version("tokenizers")}
 
 
+def _saved_weights(folder):
+    """The state dict of the Hugging Face checkpoint a finished stage saved in ``folder``."""
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
 def _base_model_state(cfg, base_config, data, seed, out, device, results, layout):
     """Weights of the built-in base model trained at L (trained now, or read back from a finished stage).
 
@@ -545,7 +550,7 @@ def _base_model_state(cfg, base_config, data, seed, out, device, results, layout
     """
     base_dir = out / "checkpoints" / "base"
     if (base_dir / "config.json").exists():
-        return transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+        return _saved_weights(base_dir)
     torch.manual_seed(seed)
     model = patch_model(transformers.LlamaForCausalLM(base_config).to(device))
     common = dict(seq_len=cfg.context, lr=cfg.base_lr, warmup=cfg.base_warmup, weight_decay=cfg.weight_decay,
@@ -558,7 +563,7 @@ def _base_model_state(cfg, base_config, data, seed, out, device, results, layout
     for stage in stages:  # each stage's final weights are a checkpoint folder: a resumed run restarts after it
         stage_dir = out / "checkpoints" / stage.name
         if (stage_dir / "config.json").exists():
-            model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(stage_dir).state_dict())
+            model.load_state_dict(_saved_weights(stage_dir))
             continue
         checks = {}
         retrieving = functools.partial(_retrieves, model, data, cfg.context, device, checks)
@@ -762,8 +767,7 @@ def _run_seed(cfg, seed, rows, *, out, data, evaluation, base_state, base_from, 
         base_dir = Path(base_from) / f"seed{seed}" / "checkpoints" / "base"
         if not (base_dir / "config.json").exists():
             raise FileNotFoundError(f"--base-from {base_from}: no trained base model of seed {seed} at {base_dir}")
-        base_state = _build(rows[0].config, transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict(),
-                            device).state_dict()  # loading into this run's architecture checks that it is the same
+        base_state = _saved_weights(base_dir)  # each row loads them strictly: another architecture raises there
     if base_state is None:
         base_state = _base_model_state(cfg, rows[0].config, data, seed, out, device, results, layout)
     records = {row["key"]: row for row in results.data["rows"]}
