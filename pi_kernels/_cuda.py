@@ -3,8 +3,9 @@
 The extension is built by ``setup.py`` only where a CUDA build of torch and ``nvcc`` are present; everything works
 without it through the Triton kernels. Importing it registers the ``torch.ops.pi_kernels_cuda`` ops (see
 ``csrc/bindings.cpp``); nothing here touches the GPU until a kernel is launched. The callers below take the same
-arguments as the Triton launchers they stand in for, so an op switches backends by picking a function (the choice
-is made in :mod:`pi_kernels._backend`).
+arguments as the Triton launchers they stand in for (the rotation as one rope record, ``ops/_schema.py``'s ``Rope``),
+so an op switches backends by picking a function (the choice is made in :mod:`pi_kernels._backend`). They are where
+the record becomes the extension ops' arguments, whose schemas (``csrc/bindings.cpp``) C++ fixes.
 """
 
 import importlib
@@ -46,26 +47,32 @@ def require():
                            f"({_extension['error']}); {BUILD_HINT}")
 
 
-def rotary(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
-    """The CUDA counterpart of ``ops.rotary.launch_rotary_kernel``: same (batch, seq, heads, dim) views and
-    arguments."""
+def rotary(q4, k4, q_out4, k_out4, rope):
+    """The CUDA counterpart of ``ops.rotary.launch_rotary_kernel``: same (batch, seq, heads, dim) views and rope
+    record."""
+    spec = rope.positions
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, None)
     # The kernels, Triton's too, index cu_seqlens as a contiguous array.
-    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
-    torch.ops.pi_kernels_cuda.rotary(q4, k4, q_out4, k_out4, turns, ids, spec.mode, spec.offset, stride_pb,
-                                     stride_ps, cu_seqlens, rotary_dim, interleaved, conjugate)
+    cu_seqlens = None if spec.cu_seqlens is None else spec.cu_seqlens.contiguous()
+    torch.ops.pi_kernels_cuda.rotary(q4, k4, q_out4, k_out4, rope.turns(q4.device), ids, spec.mode, spec.offset,
+                                     stride_pb, stride_ps, cu_seqlens, rope.rotary_dim, rope.interleaved,
+                                     rope.conjugate)
 
 
-def rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim, interleaved):
+def rotary_embedding(query4, key4, rope, cos_sin_cache):
     """The CUDA counterpart of ``ops.rotary_embedding.launch_rotary_embedding`` (in place; key4 may have 0 heads)."""
-    torch.ops.pi_kernels_cuda.rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim,
-                                               interleaved)
+    turns = None if cos_sin_cache is not None else rope.signed_turns(query4.device)
+    ids = rope.positions.ids
+    # The extension op reads (batch or 1, seq) ids; vLLM's flat (num_tokens,) ones are a batch of one.
+    ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+    torch.ops.pi_kernels_cuda.rotary_embedding(query4, key4, ids, cos_sin_cache, turns, rope.rotary_dim,
+                                               rope.interleaved)
 
 
-def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim,
-                    interleaved):
+def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, cache_index, paged, rope):
     """The CUDA counterpart of ``ops.kv_cache.launch_cache_append``."""
+    spec = rope.positions
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, None)
-    torch.ops.pi_kernels_cuda.kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, turns, ids, spec.mode,
-                                              spec.offset, stride_pb, stride_ps, cache_index, paged, rotary_dim,
-                                              interleaved)
+    torch.ops.pi_kernels_cuda.kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, rope.signed_turns(q4.device), ids,
+                                              spec.mode, spec.offset, stride_pb, stride_ps, cache_index, paged,
+                                              rope.rotary_dim, rope.interleaved)

@@ -1,10 +1,10 @@
-"""Resolved RoPE positions: the :class:`PositionSpec` record and its round trips to op and kernel arguments.
+"""Resolved RoPE positions: the :class:`PositionSpec` record, and how a kernel reads it.
 
-A user's ``positions`` argument (None, an int, offsets or ids; see :func:`pi_kernels.rotary_interp`) is resolved once
-by ``_validation.resolve_positions``/``resolve_varlen_positions`` into a PositionSpec. Custom ops cannot take a
-record, so it crosses ``torch.library`` as three arguments (:meth:`PositionSpec.op_args`,
-:meth:`PositionSpec.from_op_args`), and reaches a kernel as a pointer and two strides
-(:func:`position_pointer_and_strides`), read by ``ops._rope.token_positions``.
+A user's ``positions`` argument (None, an int, offsets or ids; see :func:`pi_kernels.rotary_interp`), with the
+``cu_seqlens`` of packed input, is resolved once, by the public wrapper (``_validation.resolve_positions`` /
+``resolve_varlen_positions``), into a PositionSpec, which every op and backend takes as it is (inside the rope record
+of ``ops/_schema.py``). It reaches a kernel as a pointer and two strides (:func:`position_pointer_and_strides`), read
+by ``ops._rope.token_positions``.
 """
 
 from dataclasses import dataclass
@@ -21,7 +21,8 @@ POSITIONS_ARANGE, POSITIONS_OFFSETS, POSITIONS_IDS = 0, 1, 2
 MAX_POSITION = 2**31 - 1
 
 
-@dataclass(frozen=True)
+# eq=False: fields hold tensors, which compare element by element; same_as compares what matters.
+@dataclass(frozen=True, eq=False)
 class PositionSpec:
     """Resolved positions.
 
@@ -34,20 +35,20 @@ class PositionSpec:
         (total_tokens,), for POSITIONS_IDS; None for POSITIONS_ARANGE.
     offset : int
         Added to 0..seq-1 for POSITIONS_ARANGE; 0 otherwise.
+    cu_seqlens : Tensor or None
+        (n_seqs + 1,) int32/int64 cumulative sequence lengths of packed input, whose arange restarts at each
+        sequence and whose offsets are per sequence; None for dense (batch, seq) input.
     """
 
     mode: int
     ids: torch.Tensor | None = None
     offset: int = 0
+    cu_seqlens: torch.Tensor | None = None
 
-    def op_args(self):
-        """``(positions, position_mode, position_offset)``: the spec as custom-op arguments."""
-        return self.ids, self.mode, self.offset
-
-    @classmethod
-    def from_op_args(cls, positions, position_mode, position_offset):
-        """The spec back from the three arguments of :meth:`op_args`."""
-        return cls(position_mode, positions, position_offset)
+    def same_as(self, other):
+        """Whether ``other`` reads the very same positions (the same tensors, not equal ones)."""
+        return (self.mode == other.mode and self.ids is other.ids and self.offset == other.offset
+                and self.cu_seqlens is other.cu_seqlens)
 
 
 def position_pointer_and_strides(spec, placeholder):

@@ -1,14 +1,15 @@
 """``backend="torch"``: every op in plain PyTorch, for CPU tensors (and any device PyTorch runs on).
 
 Each function here takes the same arguments as the Triton launcher it stands in for (``launch_rotary_kernel``,
-``_launch_rotary_embedding``, ``_launch_cache_append``, the qkv_proj forward launcher) and writes the same outputs,
-so an op's custom op, autograd formula, checks and ``torch.library`` registration are shared by every backend.
+``launch_rotary_embedding``, ``launch_cache_append``, the qkv_proj forward launcher; the rotation as one rope record,
+``ops/_schema.py``'s ``Rope``, read by attribute) and writes the same outputs, so an op's custom op, autograd
+formula, checks and ``torch.library`` registration are shared by every backend.
 
-The angles are computed as the kernels compute them (``ops/_rope.py``): float64 turns ``m · turns_table[j]``,
-whole turns dropped exactly, the fraction brought into [-1/2, 1/2] and multiplied by 2π in float64, then one float32
-sin/cos per (position, pair), broadcast over heads. The rotation runs in float32 and rounds once to the output
-dtype. Everything is vectorized over tokens, heads and pairs; the rotation alone loops in Python, over blocks of
-tokens of a fixed size (``_BLOCK_ELEMENTS``), never over single tokens or heads.
+The angles are computed as the kernels compute them (``ops/_rope.py``): float64 turns ``m · turns[j]`` (the table
+of ``Rope.turns``), whole turns dropped exactly, the fraction brought into [-1/2, 1/2] and multiplied by 2π in
+float64, then one float32 sin/cos per (position, pair), broadcast over heads. The rotation runs in float32 and
+rounds once to the output dtype. Everything is vectorized over tokens, heads and pairs; the rotation alone loops in
+Python, over blocks of tokens of a fixed size (``_BLOCK_ELEMENTS``), never over single tokens or heads.
 
 This is not :mod:`pi_kernels.reference` (the independent float64 oracle the tests compare every backend to).
 """
@@ -22,13 +23,14 @@ __all__ = ["attention_backward", "attention_forward", "kv_cache_append", "qkv_pr
            "rotary_embedding", "token_positions"]
 
 
-def token_positions(spec, cu_seqlens, batch, seq_len, device):
+def token_positions(spec, batch, seq_len, device):
     """int64 positions, (batch or 1, seq_len), of the tokens of (batch, seq_len) input for a :class:`PositionSpec`.
 
-    With ``cu_seqlens`` the input is packed (batch 1): the arange restarts at each sequence and offsets are per
-    sequence, as in the kernels' ``token_positions``.
+    With the spec's ``cu_seqlens`` the input is packed (batch 1): the arange restarts at each sequence and offsets
+    are per sequence, as in the kernels' ``token_positions``.
     """
     tokens = torch.arange(seq_len, device=device)
+    cu_seqlens = spec.cu_seqlens
     if cu_seqlens is not None:
         if spec.mode not in (POSITIONS_ARANGE, POSITIONS_OFFSETS):
             return spec.ids.to(torch.int64).reshape(1, seq_len)
@@ -51,7 +53,7 @@ def token_positions(spec, cu_seqlens, batch, seq_len, device):
 def rope_cos_sin(pos, turns, conjugate=False):
     """float32 cos and sin, ``pos.shape + (len(turns),)``, of int64 positions ``pos``; sin negated when conjugate.
 
-    ``turns`` is the float64 table of ``ops._rope.turns_table`` (``inv_freq / (2π · scaling_factor)``).
+    ``turns`` is the float64 table of ``Rope.turns`` (``ops/_schema.py``) (``inv_freq / (2π · scaling_factor)``).
     """
     angle_turns = pos.to(torch.float64).unsqueeze(-1) * turns
     angle_turns.frac_()
@@ -110,27 +112,32 @@ def _head_cos_sin(pos, turns, conjugate=False):
     return cos.unsqueeze(2), sin.unsqueeze(2)
 
 
-def rotary(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
+def _rope_cos_sin(rope, batch, seq_len, device):
+    """cos, sin of a rope record's rotation of (batch, seq_len) tokens, (batch or 1, seq_len, 1, pairs)."""
+    positions = token_positions(rope.positions, batch, seq_len, device)
+    return _head_cos_sin(positions, rope.turns(device), rope.conjugate)
+
+
+def rotary(q4, k4, q_out4, k_out4, rope):
     """The torch counterpart of ``ops.rotary.launch_rotary_kernel``: (batch, seq, heads, dim) views; outputs may
     be the inputs (in place)."""
     batch, seq_len = q4.shape[:2]
-    if batch * seq_len == 0:
-        return
-    cos, sin = _head_cos_sin(token_positions(spec, cu_seqlens, batch, seq_len, q4.device), turns, conjugate)
-    _rotate_into(q4, q_out4, cos, sin, rotary_dim, interleaved, True)
-    _rotate_into(k4, k_out4, cos, sin, rotary_dim, interleaved, True)
+    cos, sin = _rope_cos_sin(rope, batch, seq_len, q4.device)
+    _rotate_into(q4, q_out4, cos, sin, rope.rotary_dim, rope.interleaved, True)
+    _rotate_into(k4, k_out4, cos, sin, rope.rotary_dim, rope.interleaved, True)
 
 
-def rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim, interleaved):
-    """The torch counterpart of ``inference._launch_rotary_embedding``: rotate in place; key4 may have 0 heads.
+def rotary_embedding(query4, key4, rope, cos_sin_cache):
+    """The torch counterpart of ``ops.rotary_embedding.launch_rotary_embedding``: rotate in place; key4 may have 0
+    heads.
 
-    cos/sin come from ``cos_sin_cache`` rows when it is given, else from the float64 ``turns`` table.
+    cos/sin come from ``cos_sin_cache`` rows at the rope's position ids when it is given, else from its angles.
     """
-    if query4.shape[0] * query4.shape[1] == 0:
-        return
+    rotary_dim, interleaved = rope.rotary_dim, rope.interleaved
     if cos_sin_cache is None:
-        cos, sin = _head_cos_sin(positions.to(torch.int64), turns)
+        cos, sin = _rope_cos_sin(rope, *query4.shape[:2], query4.device)
     else:
+        positions = token_positions(rope.positions, *query4.shape[:2], query4.device)
         half = rotary_dim // 2
         inside = (positions >= 0) & (positions < cos_sin_cache.shape[0])
         rows = cos_sin_cache[torch.where(inside, positions, 0)].to(torch.float32).unsqueeze(2)
@@ -143,18 +150,16 @@ def rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim, 
     _rotate_into(key4, key4, cos, sin, rotary_dim, interleaved, False)
 
 
-def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim,
-                    interleaved):
-    """The torch counterpart of ``inference._launch_cache_append``: q rotated into q_out4, rotated k and v written
+def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, cache_index, paged, rope):
+    """The torch counterpart of ``ops.kv_cache.launch_cache_append``: q rotated into q_out4, rotated k and v written
     into the caches (dense: ``cache_index`` = (batch,) cache lengths; paged: the (new,) slot mapping, batch 1).
 
     Writes that would land outside the cache (slot -1 padding, or out-of-range indices with the value checks off)
     are dropped, as in the kernels.
     """
     batch, seq_len = q4.shape[:2]
-    if batch * seq_len == 0:
-        return
-    cos, sin = _head_cos_sin(token_positions(spec, None, batch, seq_len, q4.device), turns)
+    rotary_dim, interleaved = rope.rotary_dim, rope.interleaved
+    cos, sin = _rope_cos_sin(rope, batch, seq_len, q4.device)
     _rotate_into(q4, q_out4, cos, sin, rotary_dim, interleaved, True)
     index = cache_index.to(torch.int64)
     if paged:
@@ -176,18 +181,15 @@ def kv_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, p
     v_cache4[outer, inner] = v4[rows, tokens]
 
 
-def qkv_proj(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim, rotary_dim, interleaved):
+def qkv_proj(x3, weights, biases, outs, head_dim, rope):
     """The torch counterpart of ``ops.qkv_proj._launch_forward``: x3 (batch, seq, hidden); ``weights`` and
     ``biases`` the (q, k, v) row blocks (v and biases may be None); outs (batch, seq, heads, head_dim) q, k
     (and v). The GEMMs are ``torch.nn.functional.linear``; q and k are then rotated like ``rotary``."""
-    batch, seq_len = x3.shape[:2]
-    if batch * seq_len == 0:
-        return
-    cos, sin = _head_cos_sin(token_positions(spec, cu_seqlens, batch, seq_len, x3.device), turns)
+    cos, sin = _rope_cos_sin(rope, *x3.shape[:2], x3.device)
     for which, (weight, bias, out4) in enumerate(zip(weights, biases, outs, strict=False)):
         projected = torch.nn.functional.linear(x3, weight, bias).unflatten(-1, (-1, head_dim))
         if which < 2:
-            _rotate_into(projected, out4, cos, sin, rotary_dim, interleaved, True)
+            _rotate_into(projected, out4, cos, sin, rope.rotary_dim, rope.interleaved, True)
         else:
             out4.copy_(projected)
 

@@ -6,6 +6,7 @@ custom ops' eager implementations, and can be switched off with :func:`set_value
 latency-critical code; they are skipped automatically while a CUDA stream is being captured.
 """
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -191,7 +192,8 @@ def resolve_positions(positions, batch, seq, device):
 
 
 def resolve_varlen_positions(positions, cu_seqlens, max_seqlen, total, device):
-    """Resolve packed-layout positions: None/int/(n_seqs,) offsets per sequence or (total_tokens,) ids."""
+    """Resolve packed-layout positions: None/int/(n_seqs,) offsets per sequence or (total_tokens,) ids; the spec
+    holds ``cu_seqlens``."""
     if cu_seqlens is None:
         raise ValueError("layout='thd' requires cu_seqlens (n_seqs + 1 cumulative sequence lengths)")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64) \
@@ -203,7 +205,7 @@ def resolve_varlen_positions(positions, cu_seqlens, max_seqlen, total, device):
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     n_seqs = cu_seqlens.shape[0] - 1
     if positions is None or _is_int(positions):
-        return resolve_positions(positions, 1, 1, device)
+        return dataclasses.replace(resolve_positions(positions, 1, 1, device), cu_seqlens=cu_seqlens)
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
     _check_position_tensor(positions, device)
@@ -212,8 +214,8 @@ def resolve_varlen_positions(positions, cu_seqlens, max_seqlen, total, device):
                          f"(total_tokens,)=({total},) ids, got {tuple(positions.shape)}")
     # With one token per sequence both readings give the same positions, so ids win without ambiguity.
     if positions.shape[0] == total:
-        return PositionSpec(POSITIONS_IDS, positions, 0)
-    return PositionSpec(POSITIONS_OFFSETS, positions, 0)
+        return PositionSpec(POSITIONS_IDS, positions, 0, cu_seqlens)
+    return PositionSpec(POSITIONS_OFFSETS, positions, 0, cu_seqlens)
 
 
 def _version_of(tensor):

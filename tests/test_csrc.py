@@ -28,7 +28,7 @@ import torch
 import pi_kernels
 from pi_kernels import _backend, _cuda, inference
 from pi_kernels._positions import POSITIONS_ARANGE, PositionSpec
-from pi_kernels.ops._rope import turns_table
+from pi_kernels.ops._schema import Rope
 from pi_kernels.ops.rotary import LAUNCHERS as ROTARY_LAUNCHERS
 from pi_kernels.reference import (
     rotary_angles,
@@ -308,7 +308,7 @@ def test_rope_math_matches_float64(emulator):
     """rope_math.cuh's reduction, on the host: cos/sin within 1e-6 of float64 at positions up to 2**20, scaling 16,
     where a float32 angle is off by ~4e-3."""
     positions = torch.cat((torch.randint(0, 2**20, (61,)), torch.tensor([0, 2**20 - 1, 2**20])))
-    turns = turns_table(None, 10000.0, 16.0, 128, "cpu")
+    turns = Rope(PositionSpec(POSITIONS_ARANGE), None, 10000.0, 16.0, 128, False).turns("cpu")
     out = torch.empty(positions.numel(), 64, 2, dtype=torch.float32)
     emulator.lib.pi_rope_cos_sin(positions.data_ptr(), positions.numel(), turns.data_ptr(), 64, out.data_ptr())
     angles = rotary_angles(positions, scaling_factor=16.0, rotary_dim=128)
@@ -382,8 +382,7 @@ def test_packed_sequences_token_linear(device, cuda_backend, seqlens):
 def test_poisoned_outputs_are_fully_written(device, cuda_backend):
     q, k = make_qk("bshd", device, torch.float16, batch=2, seq=37, n_heads=5, n_kv_heads=3, head_dim=80)
     q_out, k_out = torch.full_like(q, math.nan), torch.full_like(k, math.nan)
-    turns = turns_table(None, 10000.0, 4.0, 48, q.device)
-    _cuda.rotary(q, k, q_out, k_out, PositionSpec(POSITIONS_ARANGE, None, 0), None, turns, 48, False, False)
+    _cuda.rotary(q, k, q_out, k_out, Rope(PositionSpec(POSITIONS_ARANGE, None, 0), None, 10000.0, 4.0, 48, False))
     q_ref, k_ref = rotary_interp_reference(q.double(), k.double(), scaling_factor=4.0, rotary_dim=48)
     assert_close(q_out, q_ref, torch.float16, name="q")
     assert_close(k_out, k_ref, torch.float16, name="k")

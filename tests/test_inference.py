@@ -14,7 +14,7 @@ import pi_kernels
 from pi_kernels import inference
 from pi_kernels._positions import POSITIONS_IDS, PositionSpec
 from pi_kernels.ops import kv_cache
-from pi_kernels.ops._rope import turns_table
+from pi_kernels.ops._schema import Rope
 from pi_kernels.reference import (
     rotary_angles,
     rotary_embedding_reference,
@@ -225,8 +225,8 @@ def test_cache_append_writes_every_element_of_q_out(device):
     v_cache = torch.zeros_like(k_cache)
     cache_seqlens = torch.tensor([0, 3], device=device)
     spec = PositionSpec(POSITIONS_IDS, torch.randint(0, 5000, (2, 7), device=device), 0)
-    turns = turns_table(None, 10000.0, 4.0, 48, q.device)
-    kv_cache.launch_cache_append(q, k, v, q_out, k_cache, v_cache, spec, cache_seqlens, False, turns, 48, False)
+    kv_cache.launch_cache_append(q, k, v, q_out, k_cache, v_cache, cache_seqlens, False,
+                                 Rope(spec, None, 10000.0, 4.0, 48, False))
     q_ref, _, _ = rotary_kv_cache_append_reference(q.double(), k.double(), v.double(), k_cache.double(),
                                                    v_cache.double(), cache_seqlens, spec.ids, scaling_factor=4.0,
                                                    rotary_dim=48)

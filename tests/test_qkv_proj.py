@@ -14,7 +14,7 @@ import pi_kernels
 from pi_kernels import _validation as v
 from pi_kernels import scaling
 from pi_kernels.ops import qkv_proj as qkv_op
-from pi_kernels.ops._rope import turns_table
+from pi_kernels.ops._schema import Rope
 from pi_kernels.reference import qkv_proj_rotary_reference
 
 from .tolerances import assert_close
@@ -159,8 +159,7 @@ def test_poisoned_outputs_are_fully_written(device):
     outs = [torch.full((2, 37, n, 80), math.nan, device=device, dtype=torch.float16) for n in (3, 2, 2)]
     spec = v.resolve_positions(None, 2, 37, x.device)
     weights, biases = qkv_op._split_heads([weight], [b], 3, 2, 80)
-    turns = turns_table(None, 10000.0, 4.0, 48, x.device)
-    qkv_op._launch_forward(x, weights, biases, outs, spec, None, turns, 80, 48, False)
+    qkv_op._launch_forward(x, weights, biases, outs, 80, Rope(spec, None, 10000.0, 4.0, 48, False))
     refs = reference(x, weight, b, **heads(shape), scaling_factor=4.0, rotary_dim=48)
     check_outputs(outs, refs, torch.float16)
 

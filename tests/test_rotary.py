@@ -12,7 +12,7 @@ import torch
 import pi_kernels
 from pi_kernels import scaling
 from pi_kernels.ops import rotary as rotary_op
-from pi_kernels.ops._rope import turns_table
+from pi_kernels.ops._schema import Rope
 from pi_kernels.reference import rotary_interp_reference
 
 from .tolerances import TOLERANCE, assert_close, rel_error
@@ -146,8 +146,7 @@ def test_poisoned_outputs_are_fully_written(device):
     q, k = make_qk("bshd", device, torch.float16, batch=2, seq=37, n_heads=5, n_kv_heads=3, head_dim=80)
     q_out, k_out = torch.full_like(q, math.nan), torch.full_like(k, math.nan)
     spec = pi_kernels._validation.resolve_positions(None, 2, 37, q.device)
-    turns = turns_table(None, 10000.0, 4.0, 48, q.device)
-    rotary_op.launch_rotary_kernel(q, k, q_out, k_out, spec, None, turns, 48, False, False)
+    rotary_op.launch_rotary_kernel(q, k, q_out, k_out, Rope(spec, None, 10000.0, 4.0, 48, False))
     q_ref, k_ref = rotary_interp_reference(q.double(), k.double(), scaling_factor=4.0, rotary_dim=48)
     assert_close(q_out, q_ref, torch.float16, name="q")
     assert_close(k_out, k_ref, torch.float16, name="k")

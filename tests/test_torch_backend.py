@@ -15,7 +15,7 @@ import torch
 import pi_kernels
 from pi_kernels import _torch_backend, inference
 from pi_kernels._positions import POSITIONS_ARANGE, POSITIONS_IDS, PositionSpec
-from pi_kernels.ops._rope import turns_table
+from pi_kernels.ops._schema import Rope
 from pi_kernels.reference import (
     attention_rotary_reference,
     qkv_proj_rotary_reference,
@@ -105,17 +105,16 @@ def test_poisoned_outputs_are_fully_written(device):
     """The torch launchers write every element of their outputs (NaN-filled here), the tail past rotary_dim too."""
     q, k = make_qk("bshd", device, torch.float32)
     spec = PositionSpec(POSITIONS_IDS, make_positions("ids", "bshd", device), 0)
-    turns = turns_table(None, 10000.0, 4.0, 48, device)
     q_out, k_out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
-    _torch_backend.rotary(q, k, q_out, k_out, spec, None, turns, 48, False, False)
+    _torch_backend.rotary(q, k, q_out, k_out, Rope(spec, None, 10000.0, 4.0, 48, False))
     q_ref, k_ref = rotary_interp_reference(q.double(), k.double(), spec.ids, scaling_factor=4.0, rotary_dim=48)
     assert_close(q_out, q_ref, torch.float32, name="q")
     assert_close(k_out, k_ref, torch.float32, name="k")
     x, weight, bias = make_projection(device, torch.float32)
     outs = [torch.full((2, 37, heads, 80), float("nan"), device=device) for heads in (4, 2, 2)]
     rows = weight.split([320, 160, 160])
-    _torch_backend.qkv_proj(x, rows, bias.split([320, 160, 160]), outs, PositionSpec(POSITIONS_ARANGE, None, 5),
-                            None, turns_table(None, 10000.0, 4.0, 48, device), 80, 48, False)
+    _torch_backend.qkv_proj(x, rows, bias.split([320, 160, 160]), outs, 80,
+                            Rope(PositionSpec(POSITIONS_ARANGE, None, 5), None, 10000.0, 4.0, 48, False))
     refs = qkv_proj_rotary_reference(x.double(), weight.double(), bias.double(), **HEADS, positions=5,
                                      scaling_factor=4.0, rotary_dim=48)
     for name, out, ref in zip("qkv", outs, refs, strict=True):

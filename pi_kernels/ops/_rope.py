@@ -5,8 +5,8 @@ How the angle is computed, and why
 The rotation of pair ``j`` at position ``m`` uses ``(m / scaling_factor) * inv_freq[j]``. Plain float32
 ``m * inv_freq`` has an absolute error of about ``ulp(angle)``: at m = 2**20 and scaling_factor 16 the angle reaches
 65536 rad, whose float32 ulp is 0.004 rad, a relative output error of ~3e-4. Instead the host folds
-``1 / (2π · scaling_factor)`` into a float64 table (:func:`turns_table`), so the kernel gets the angle in *turns*:
-``t = m · inv_freq[j] / (2π s)`` in float64 (one multiply, exact to 1e-16 relative), drops the whole turns
+``1 / (2π · scaling_factor)`` into a float64 table (``Rope.turns`` in ``_schema.py``), so the kernel gets the angle
+in *turns*: ``t = m · inv_freq[j] / (2π s)`` in float64 (one multiply, exact to 1e-16 relative), drops the whole turns
 (``t - trunc(t)``, exact, then into [-1/2, 1/2]), and multiplies the fraction by 2π split into a float32-exact high
 part and a low part, still in float64. The reduced angle, in [-π, π], is rounded to float32 once and fed to float32
 sin/cos, so the result keeps float32 accuracy (~1e-7) at any position below 2**32 (positions and offsets past
@@ -14,15 +14,10 @@ sin/cos, so the result keeps float32 accuracy (~1e-7) at any position below 2**3
 is a handful of operations per (token, pair), amortized over every head a program rotates.
 """
 
-import math
-
-import torch
 import triton
 import triton.language as tl
 
 from .._angles import TWO_PI_HI, TWO_PI_LO
-from .._validation import check_frequencies
-from ..scaling import rope_inv_freq
 
 # The 2π split of _angles.py (shared with the torch backend) as constexprs a kernel may read.
 _TWO_PI_HI = tl.constexpr(TWO_PI_HI)
@@ -85,26 +80,6 @@ def rope_cos_sin(pos, turns_ptr, ROTARY_HALF: tl.constexpr, BLOCK_HALF: tl.const
     if CONJUGATE:
         sin = -sin
     return cos, sin
-
-
-_TURNS_CACHE = {}
-
-
-def turns_table(inv_freq, base, scaling_factor, rotary_dim, device):
-    """Float64 ``inv_freq / (2π · scaling_factor)``, (rotary_dim // 2,); cached per device for the ``base`` form.
-
-    Every rotating op's implementation builds this table before it launches, so the scalar checks repeated here see
-    the real values even where ``torch.compile`` traced them as symbols (see ``_validation._is_positive_real``).
-    """
-    check_frequencies(scaling_factor, base, inv_freq, None)
-    if inv_freq is not None:
-        return inv_freq.to(device=device, dtype=torch.float64) / (2.0 * math.pi * scaling_factor)
-    key = (float(base), int(rotary_dim), float(scaling_factor), str(device))
-    table = _TURNS_CACHE.get(key)
-    if table is None:
-        table = rope_inv_freq(base, rotary_dim, device=device) / (2.0 * math.pi * scaling_factor)
-        _TURNS_CACHE[key] = table
-    return table
 
 
 def varlen_search(cu_seqlens):

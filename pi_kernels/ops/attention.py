@@ -35,6 +35,7 @@ atomics, every element of dq, dk and dv is accumulated by one program in a fixed
 query heads in order).
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -47,7 +48,7 @@ from .. import _backend, _torch_backend
 from .. import _validation as validation
 from .._backend import _interpreting
 from .._positions import POSITIONS_ARANGE, POSITIONS_OFFSETS, PositionSpec
-from ._rope import turns_table
+from ._schema import Rope, record_op
 from .attention_kernels import (
     LOG2E,
     _attention_backward_delta_kernel,
@@ -57,48 +58,44 @@ from .attention_kernels import (
 )
 from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 
-__all__ = ["AttentionRotary", "AttentionRotaryFunction", "CoreArgs", "RotationArgs", "attention_backward",
+__all__ = ["AttentionRotary", "AttentionRotaryFunction", "CoreArgs", "Rotation", "attention_backward",
            "attention_forward", "attention_rotary", "rotate_qk"]
 
 MAX_HEAD_DIM = 256
 
 
-class RotationArgs(NamedTuple):
-    """The rotation pass's settings: they define the non-tensor arguments of ``pi_kernels::attention_rotate``."""
+# eq=False: the ropes hold tensors.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rotation:
+    """The rotation pass's settings: the arguments of ``pi_kernels::attention_rotate`` besides q, k and the backend.
 
-    q_position_mode: int       # _positions.POSITIONS_*
-    q_position_offset: int
-    q_from_end: bool           # default query positions: the last seq_q of the key positions
-    k_position_mode: int
-    k_position_offset: int
-    base: float
-    scaling_factor: float
-    rotary_dim: int
-    interleaved: bool
+    ``q.positions`` and ``k.positions`` are the queries' and the keys' positions as the wrapper resolved them (the
+    queries' default, the last seq_q of the key positions, included); their ``cu_seqlens`` are also the packing the
+    core attends with. The two ropes differ in their positions only.
+    """
+
+    q: Rope
+    k: Rope
     rotate_q: bool
     rotate_k: bool
-    backend: str               # a key of rotary.LAUNCHERS: "triton" or "torch"
+    # False where the wrapper derived the queries' positions from the keys' lengths: those are not value-checked
+    # (negative where a sequence has more queries than keys, whose first queries then see no key).
+    q_positions_given: bool
+
+    def reversed(self):
+        """The rotation by −angle (the backward's)."""
+        return dataclasses.replace(self, q=self.q.reversed(), k=self.k.reversed())
 
 
-class CoreArgs(NamedTuple):
-    """The attention core's settings: they define the non-tensor arguments of ``pi_kernels::attention_core``."""
+@dataclasses.dataclass(frozen=True)
+class CoreArgs:
+    """The attention core's settings: the arguments of ``pi_kernels::attention_core`` besides the tensors and the
+    backend."""
 
     max_seqlen_q: int | None   # longest packed sequence; None: computed from cu_seqlens (a device sync)
     max_seqlen_k: int | None
     causal: bool
     softmax_scale: float
-    backend: str               # a key of LAUNCHERS
-
-
-_SCHEMA_TYPES = {int: "SymInt", int | None: "SymInt?", float: "float", bool: "bool", str: "str"}
-
-
-def _define_op(name, tensors, settings, trailing, returns):
-    """Define ``pi_kernels::<name>`` whose arguments are ``tensors`` (schema text), the fields of the NamedTuple
-    ``settings`` and ``trailing`` (schema text): the settings' names and order are written once, in the record."""
-    fields = ", ".join(f"{_SCHEMA_TYPES[kind]} {field}" for field, kind in settings.__annotations__.items())
-    torch.library.define(f"pi_kernels::{name}", f"({tensors}, {fields}{trailing}) -> {returns}")
-    return f"pi_kernels::{name}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -112,77 +109,45 @@ def _bshd(x, varlen):
     return x4, (0 if varlen else x4.stride(0), *x4.stride()[1:])
 
 
-def _position_specs(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, rotation):
-    """The (query, key) PositionSpecs the rotary kernel reads, with the default query positions made explicit.
-
-    ``k_positions`` (with a mode that reads a tensor) and ``cu_seqlens_k`` are None when the keys share the queries'
-    tensor: torch.compile refuses one tensor passed twice to an autograd.Function.
-    """
-    if k_positions is None and rotation.k_position_mode != POSITIONS_ARANGE:
-        k_positions = q_positions
-    q_spec = PositionSpec(rotation.q_position_mode, q_positions, rotation.q_position_offset)
-    k_spec = PositionSpec(rotation.k_position_mode, k_positions, rotation.k_position_offset)
-    if rotation.q_from_end:
-        # Query i of a sequence sits at key position i + len_k - len_q (bottom-right alignment, as the mask).
-        if cu_seqlens_q is None:
-            q_spec = PositionSpec(POSITIONS_ARANGE, None, q_spec.offset + k.shape[1] - q.shape[1])
-        elif cu_seqlens_k is not None:
-            lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-            lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-            q_spec = PositionSpec(POSITIONS_OFFSETS, lengths_k - lengths_q + q_spec.offset, 0)
-    return q_spec, k_spec
-
-
-def rotate_qk(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, rotation, conjugate):
-    """Rotated copies of q and k (by −angle when ``conjugate``), each an empty tensor where not rotated.
+def rotate_qk(q, k, rotation, backend):
+    """Rotated copies of q and k (a :class:`Rotation`), each an empty tensor where not rotated.
 
     One launch when queries and keys share positions and tokens (self-attention), else one per rotated tensor.
     """
-    varlen = cu_seqlens_q is not None
-    q_spec, k_spec = _position_specs(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, rotation)
+    varlen = rotation.q.positions.cu_seqlens is not None
     q_out = torch.empty_like(q) if rotation.rotate_q else q.new_empty(0)
     k_out = torch.empty_like(k) if rotation.rotate_k else k.new_empty(0)
-    turns = turns_table(inv_freq, rotation.base, rotation.scaling_factor, rotation.rotary_dim, q.device)
     q4, k4 = _bshd(q, varlen)[0], _bshd(k, varlen)[0]
-    rotate = (turns, rotation.rotary_dim, rotation.interleaved, conjugate)
-    same_tokens = cu_seqlens_k is None if varlen else q.shape[1] == k.shape[1]
-    same_positions = q_spec.mode == k_spec.mode and q_spec.ids is k_spec.ids and q_spec.offset == k_spec.offset
-    launch = ROTARY_LAUNCHERS[rotation.backend]
-    if rotation.rotate_q and rotation.rotate_k and same_tokens and same_positions:
-        launch(q4, k4, _bshd(q_out, varlen)[0], _bshd(k_out, varlen)[0], q_spec, cu_seqlens_q,
-                             *rotate)
+    # Packed, the same cu_seqlens tensor says the same tokens (PositionSpec.same_as compares it).
+    same_tokens = varlen or q.shape[1] == k.shape[1]
+    launch = ROTARY_LAUNCHERS[backend]
+    if rotation.rotate_q and rotation.rotate_k and same_tokens and rotation.q.positions.same_as(rotation.k.positions):
+        launch(q4, k4, _bshd(q_out, varlen)[0], _bshd(k_out, varlen)[0], rotation.q)
         return q_out, k_out
-    cu_seqlens_k = cu_seqlens_q if varlen and cu_seqlens_k is None else cu_seqlens_k
-    for enabled, x4, out, spec, cu_seqlens in ((rotation.rotate_q, q4, q_out, q_spec, cu_seqlens_q),
-                                               (rotation.rotate_k, k4, k_out, k_spec, cu_seqlens_k)):
+    for enabled, x4, out, rope in ((rotation.rotate_q, q4, q_out, rotation.q), (rotation.rotate_k, k4, k_out,
+                                                                                 rotation.k)):
         if enabled:
             out4 = _bshd(out, varlen)[0]
             # The kernel rotates two tensors; the second is given no heads.
-            launch(x4, x4[:, :, :0], out4, out4[:, :, :0], spec, cu_seqlens, *rotate)
+            launch(x4, x4[:, :, :0], out4, out4[:, :, :0], rope)
     return q_out, k_out
 
 
-_ROTATE_OP = _define_op("attention_rotate", "Tensor q, Tensor k, Tensor? q_positions, Tensor? k_positions, "
-                        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? inv_freq", RotationArgs,
-                        ", bool conjugate", "(Tensor, Tensor)")
+@record_op("attention_rotate")
+def _rotate_op(q: torch.Tensor, k: torch.Tensor, rotation: Rotation, backend: str) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    if not rotation.q.conjugate:  # the forward; the backward sees the same tensors
+        varlen = rotation.q.positions.cu_seqlens is not None
+        if rotation.q_positions_given:
+            validation.check_values(rotation.q.positions.ids, None, None, q.shape[0 if varlen else 1])
+        validation.check_values(rotation.k.positions.ids, None, None, k.shape[0 if varlen else 1])
+    return rotate_qk(q, k, rotation, backend)
 
 
-@torch.library.impl(_ROTATE_OP, "CompositeExplicitAutograd")
-def _rotate_op(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, *settings):
-    *rotation, conjugate = settings
-    if not conjugate:  # the forward; the backward sees the same tensors
-        varlen = cu_seqlens_q is not None
-        validation.check_values(q_positions, None, None, q.shape[0 if varlen else 1])
-        validation.check_values(k_positions, None, None, k.shape[0 if varlen else 1])
-    return rotate_qk(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, RotationArgs(*rotation),
-                     conjugate)
-
-
-@torch.library.register_fake(_ROTATE_OP)
-def _rotate_op_fake(q, k, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, *settings):
-    rotation = RotationArgs(*settings[:-1])
-    rotate_q, rotate_k = rotation.rotate_q, rotation.rotate_k
-    return torch.empty_like(q) if rotate_q else q.new_empty(0), torch.empty_like(k) if rotate_k else k.new_empty(0)
+@_rotate_op.register_fake
+def _rotate_op_fake(q, k, rotation, backend):
+    return (torch.empty_like(q) if rotation.rotate_q else q.new_empty(0),
+            torch.empty_like(k) if rotation.rotate_k else k.new_empty(0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -402,15 +367,14 @@ LAUNCHERS = {"triton": (attention_forward, attention_backward),
              "torch": (_torch_backend.attention_forward, _torch_backend.attention_backward)}
 
 
-def _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values):
-    """(cu_seqlens_k, core with int max_seqlen_*), after the synchronizing checks of cu_seqlens when
-    ``check_values`` (the forward; the backward sees the same tensors)."""
-    if core.backend not in LAUNCHERS:
-        raise ValueError(f"backend must be one of {sorted(LAUNCHERS)}, got {core.backend!r}")
+def _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, backend, check_values):
+    """``core`` with int max_seqlen_*, after the synchronizing checks of cu_seqlens when ``check_values`` (the
+    forward; the backward sees the same tensors)."""
+    if backend not in LAUNCHERS:
+        raise ValueError(f"backend must be one of {sorted(LAUNCHERS)}, got {backend!r}")
     validation.check_positive_real(core.softmax_scale, "softmax_scale")  # symbolic while compiling: checked here
     if cu_seqlens_q is None:
-        return None, core._replace(max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1])
-    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+        return dataclasses.replace(core, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1])
     if check_values:
         validation.check_values(None, cu_seqlens_q, core.max_seqlen_q, q.shape[0])
         validation.check_values(None, cu_seqlens_k, core.max_seqlen_k, k.shape[0])
@@ -420,37 +384,33 @@ def _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, check_values):
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     if max_seqlen_k is None:
         max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
-    return cu_seqlens_k, core._replace(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return dataclasses.replace(core, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
-_CORE_OP = _define_op("attention_core", "Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k",
-                      CoreArgs, "", "(Tensor, Tensor)")
-_CORE_BACKWARD_OP = _define_op("attention_core_backward", "Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-                               "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k", CoreArgs, "",
-                               "(Tensor, Tensor, Tensor)")
-
-
-@torch.library.impl(_CORE_OP, "CompositeExplicitAutograd")
-def _core_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *settings):
-    cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, CoreArgs(*settings), check_values=True)
-    forward, _ = LAUNCHERS[core.backend]
+@record_op("attention_core")
+def _core_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+             cu_seqlens_k: torch.Tensor | None, core: CoreArgs, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, backend, check_values=True)
+    forward, _ = LAUNCHERS[backend]
     return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core)
 
 
-@torch.library.register_fake(_CORE_OP)
+@_core_op.register_fake
 def _core_op_fake(q, k, v, cu_seqlens_q, *args):
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
-@torch.library.impl(_CORE_BACKWARD_OP, "CompositeExplicitAutograd")
-def _core_backward_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *settings):
-    cu_seqlens_k, core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, CoreArgs(*settings), check_values=False)
-    _, backward = LAUNCHERS[core.backend]
+@record_op("attention_core_backward")
+def _core_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                      core: CoreArgs, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    core = _resolve_core(q, k, cu_seqlens_q, cu_seqlens_k, core, backend, check_values=False)
+    _, backward = LAUNCHERS[backend]
     return backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, core)
 
 
-@torch.library.register_fake(_CORE_BACKWARD_OP)
+@_core_backward_op.register_fake
 def _core_backward_op_fake(grad_out, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -462,37 +422,37 @@ def _core_backward_op_fake(grad_out, q, k, v, *args):
 class AttentionRotaryFunction(torch.autograd.Function):
     """Autograd of rotate → core: saves the rotated q and k; the backward un-rotates the core's dq and dk.
 
-    ``rotation`` and ``core`` are :class:`RotationArgs` and :class:`CoreArgs`. The backward is not itself
-    differentiable (no double backward), as in flash-attention.
+    ``rotation`` and ``core`` are :class:`Rotation` and :class:`CoreArgs`; the cu_seqlens of packed input are those
+    of the rotation's positions. The backward is not itself differentiable (no double backward), as in
+    flash-attention.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq, rotation, core):
-        tensors = (q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, inv_freq)
+    def forward(ctx, q, k, v, rotation, core, backend):
         q_rot, k_rot = q, k
         if rotation.rotate_q or rotation.rotate_k:
-            q_out, k_out = torch.ops.pi_kernels.attention_rotate(q, k, *tensors, *rotation, False)
+            q_out, k_out = _rotate_op(q, k, rotation, backend)
             q_rot = q_out if rotation.rotate_q else q
             k_rot = k_out if rotation.rotate_k else k
-        out, lse = torch.ops.pi_kernels.attention_core(q_rot, k_rot, v, cu_seqlens_q, cu_seqlens_k, *core)
-        ctx.save_for_backward(q_rot, k_rot, v, out, lse, *tensors)
-        ctx.rotation, ctx.core = rotation, core
+        cu_seqlens = rotation.q.positions.cu_seqlens, rotation.k.positions.cu_seqlens
+        out, lse = _core_op(q_rot, k_rot, v, *cu_seqlens, core, backend)
+        ctx.save_for_backward(q_rot, k_rot, v, out, lse)
+        ctx.settings = (rotation, core, backend)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        q_rot, k_rot, v, out, lse, *tensors = ctx.saved_tensors
-        rotation = ctx.rotation
-        cu_seqlens_q, cu_seqlens_k = tensors[2], tensors[3]
-        dq, dk, dv = torch.ops.pi_kernels.attention_core_backward(grad_out, q_rot, k_rot, v, out, lse, cu_seqlens_q,
-                                                                  cu_seqlens_k, *ctx.core)
+        q_rot, k_rot, v, out, lse = ctx.saved_tensors
+        rotation, core, backend = ctx.settings
+        cu_seqlens = rotation.q.positions.cu_seqlens, rotation.k.positions.cu_seqlens
+        dq, dk, dv = _core_backward_op(grad_out, q_rot, k_rot, v, out, lse, *cu_seqlens, core, backend)
         if rotation.rotate_q or rotation.rotate_k:
-            dq_out, dk_out = torch.ops.pi_kernels.attention_rotate(dq, dk, *tensors, *rotation, True)
+            dq_out, dk_out = _rotate_op(dq, dk, rotation.reversed(), backend)
             dq = dq_out if rotation.rotate_q else dq
             dk = dk_out if rotation.rotate_k else dk
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None
 
 
 def _check_tensors(q, k, v, varlen):
@@ -538,27 +498,41 @@ def _resolve_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return cu_seqlens_k, max_seqlen_k, q_spec
 
 
-def _resolve_key_positions(q, k, positions, k_positions, q_spec, rotate_q, rotate_k, same_tokens, varlen,
-                           cu_seqlens_k, max_seqlen_k):
-    """The keys' PositionSpec (see ``attention_rotary`` for the defaults)."""
+def _resolve_key_positions(k, positions, k_positions, q_spec, k_arange, rotate_q, rotate_k, same_tokens,
+                           max_seqlen_k):
+    """The keys' PositionSpec (see ``attention_rotary`` for the defaults); ``k_arange`` is 0..seq_k-1 (per packed
+    sequence)."""
     if not rotate_k:
         if k_positions is not None:
             raise ValueError("k_positions is given but rotate_k=False (the keys are already rotated)")
         if positions is not None and not rotate_q:
             raise ValueError("positions is given but rotate_q and rotate_k are both False (nothing is rotated)")
-        return PositionSpec(POSITIONS_ARANGE, None, 0)
+        return k_arange
     if k_positions is not None:
         if positions is None:
             raise ValueError("k_positions is given without positions: pass the queries' positions too")
-        if varlen:
-            return validation.resolve_varlen_positions(k_positions, cu_seqlens_k, max_seqlen_k, k.shape[0], q.device)
-        return validation.resolve_positions(k_positions, k.shape[0], k.shape[1], q.device)
+        if k_arange.cu_seqlens is not None:
+            return validation.resolve_varlen_positions(k_positions, k_arange.cu_seqlens, max_seqlen_k, k.shape[0],
+                                                       k.device)
+        return validation.resolve_positions(k_positions, k.shape[0], k.shape[1], k.device)
     if positions is None:
-        return PositionSpec(POSITIONS_ARANGE, None, 0)
+        return k_arange
     if not same_tokens:
         raise ValueError("k_positions is required when positions is given and the keys are not the query tokens "
                          "(seq_q != seq_k, or a separate cu_seqlens_k)")
     return q_spec
+
+
+def _queries_at_the_end(q, k, q_arange, k_arange):
+    """The queries' default positions: query i of a sequence at key position i + len_k - len_q (bottom-right
+    alignment, as the causal mask); ``q_arange`` and ``k_arange`` are 0..len-1 of each."""
+    if q_arange.cu_seqlens is None:
+        return PositionSpec(POSITIONS_ARANGE, None, k.shape[1] - q.shape[1])
+    if k_arange.cu_seqlens is q_arange.cu_seqlens:
+        return q_arange
+    lengths_q = q_arange.cu_seqlens[1:] - q_arange.cu_seqlens[:-1]
+    lengths_k = k_arange.cu_seqlens[1:] - k_arange.cu_seqlens[:-1]
+    return PositionSpec(POSITIONS_OFFSETS, lengths_k - lengths_q, 0, q_arange.cu_seqlens)
 
 
 def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.0, inv_freq=None, rotary_dim=None,
@@ -642,24 +616,23 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
     if varlen:
-        same_tokens = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
         cu_seqlens_k, max_seqlen_k, q_spec = _resolve_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                                  max_seqlen_k, positions)
+        same_tokens = cu_seqlens_k is cu_seqlens_q
     else:
-        same_tokens = q.shape[1] == k.shape[1]
         q_spec = validation.resolve_positions(positions, q.shape[0], q.shape[1], q.device)
-    k_spec = _resolve_key_positions(q, k, positions, k_positions, q_spec, rotate_q, rotate_k, same_tokens, varlen,
-                                    cu_seqlens_k, max_seqlen_k)
+        same_tokens = q.shape[1] == k.shape[1]
+    k_arange = PositionSpec(POSITIONS_ARANGE, None, 0, cu_seqlens_k)
+    k_spec = _resolve_key_positions(k, positions, k_positions, q_spec, k_arange, rotate_q, rotate_k, same_tokens,
+                                    max_seqlen_k)
+    if positions is None:
+        q_spec = _queries_at_the_end(q, k, q_spec, k_arange)
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
-    rotation = RotationArgs(q_spec.mode, q_spec.offset, positions is None, k_spec.mode, k_spec.offset, float(base),
-                            float(scaling_factor), rotary_dim, bool(interleaved), bool(rotate_q), bool(rotate_k),
-                            backend)
-    core = CoreArgs(max_seqlen_q, max_seqlen_k, bool(causal), softmax_scale, backend)
-    # A tensor the keys share with the queries is passed once (see _position_specs).
-    k_ids = None if k_spec.ids is q_spec.ids else k_spec.ids
-    cu_seqlens_k = None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k
-    out, lse = AttentionRotaryFunction.apply(q, k, v, q_spec.ids, k_ids, cu_seqlens_q, cu_seqlens_k, inv_freq,
-                                             rotation, core)
+    q_rope = Rope(q_spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    rotation = Rotation(q_rope, dataclasses.replace(q_rope, positions=k_spec), bool(rotate_q), bool(rotate_k),
+                        positions is not None)
+    core = CoreArgs(max_seqlen_q, max_seqlen_k, bool(causal), softmax_scale)
+    out, lse = AttentionRotaryFunction.apply(q, k, v, rotation, core, backend)
     return (out, lse) if return_lse else out
 
 

@@ -19,7 +19,8 @@ import triton.language as tl
 from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
 from .._positions import POSITIONS_IDS, POSITIONS_OFFSETS, PositionSpec, position_pointer_and_strides
-from ._rope import rope_cos_sin, token_positions, turns_table
+from ._rope import rope_cos_sin, token_positions
+from ._schema import Rope, record_op
 from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 from .rotary_embedding import block_sizes, rotate_rows
 
@@ -110,17 +111,18 @@ def _rotary_cache_append_kernel(
                    stride_vh, stride_vd, stride_vch, stride_vcd, head_start, n_kv_heads, HEAD_DIM, BLOCK_H, BLOCK_D)
 
 
-def launch_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim,
-                         interleaved):
-    """Rotate q into q_out4 and write rotated k and v into the caches; every tensor a 4-D view.
+def launch_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, cache_index, paged, rope):
+    """Rotate q into q_out4 by ``rope`` and write rotated k and v into the caches; every tensor a 4-D view.
 
     Dense: k_cache4 is (batch, max_len, kv heads, d) and ``cache_index`` the (batch,) cache lengths. Paged:
     (num_blocks, block_size, kv heads, d) and ``cache_index`` the (new,) slot mapping, with batch 1.
     """
+    turns = rope.signed_turns(q4.device)
     batch, seq_len, n_q_heads, head_dim = q4.shape
     n_kv_heads = k4.shape[2]
     if batch * seq_len == 0:
         return
+    rotary_dim, spec = rope.rotary_dim, rope.positions
     rotary_half = rotary_dim // 2
     block_half = triton.next_power_of_2(rotary_half)
     block_d = triton.next_power_of_2(head_dim)
@@ -139,7 +141,7 @@ def launch_cache_append(q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_inde
         *q4.stride(), *k4.stride(), *v4.stride(), *q_out4.stride(), *k_cache4.stride(), *v_cache4.stride(),
         stride_pb, stride_ps, cache_index.stride(0),
         ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        BLOCK_TAIL=block_tail, BLOCK_D=block_d, POS_MODE=spec.mode, PAGED=paged, INTERLEAVED=interleaved,
+        BLOCK_TAIL=block_tail, BLOCK_D=block_d, POS_MODE=spec.mode, PAGED=paged, INTERLEAVED=rope.interleaved,
         COPY_TAIL=copy_tail,
         num_warps=4,
     )
@@ -178,11 +180,9 @@ def _check_cache_index(cache_index, paged, cache_rows, new):
                                f"{new} new tokens must fit in the cache's max_len = {cache_rows}")
 
 
-@torch.library.custom_op("pi_kernels::rotary_kv_cache_append", mutates_args=("k_cache", "v_cache"))
+@record_op("rotary_kv_cache_append", mutates_args=("k_cache", "v_cache"))
 def _cache_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_index: torch.Tensor, positions: torch.Tensor | None,
-                     position_mode: int, position_offset: int, inv_freq: torch.Tensor | None, base: float,
-                     scaling_factor: float, rotary_dim: int, interleaved: bool, paged: bool, kv_layout: str,
+                     v_cache: torch.Tensor, cache_index: torch.Tensor, rope: Rope, paged: bool, kv_layout: str,
                      backend: str) -> torch.Tensor:
     q_out = torch.empty_like(q)
     k_cache4, v_cache4 = _nhd(k_cache, kv_layout), _nhd(v_cache, kv_layout)
@@ -192,10 +192,8 @@ def _cache_append_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     else:
         q4, k4, v4, q_out4 = q, k, v, q_out
         _check_cache_index(cache_index, False, k_cache4.shape[1], q.shape[1])
-    validation.check_values(positions, None, None, 0)
-    turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
-    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    LAUNCHERS[backend](q4, k4, v4, q_out4, k_cache4, v_cache4, spec, cache_index, paged, turns, rotary_dim, interleaved)
+    validation.check_values(rope.positions.ids, None, None, 0)
+    LAUNCHERS[backend](q4, k4, v4, q_out4, k_cache4, v_cache4, cache_index, paged, rope)
     return q_out
 
 
@@ -204,20 +202,16 @@ def _cache_append_op_fake(q, *args):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("pi_kernels::rotary_kv_cache_rows", mutates_args=())
-def _cache_rows_op(q: torch.Tensor, k: torch.Tensor, cache_index: torch.Tensor, cache_rows: int,
-                   positions: torch.Tensor | None, position_mode: int, position_offset: int,
-                   inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
-                   interleaved: bool, paged: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+@record_op("rotary_kv_cache_rows")
+def _cache_rows_op(q: torch.Tensor, k: torch.Tensor, cache_index: torch.Tensor, cache_rows: int, rope: Rope,
+                   paged: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The append's checks and rotation without its cache writes: (rotated q, rotated k). ``cache_rows``: the
     cache's slot count (paged) or max_len."""
     _check_cache_index(cache_index, paged, cache_rows, 1 if paged else q.shape[1])
-    validation.check_values(positions, None, None, 0)
+    validation.check_values(rope.positions.ids, None, None, 0)
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
-    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
     q4, k4, q_out4, k_out4 = (x.unsqueeze(0) if paged else x for x in (q, k, q_out, k_out))
-    ROTARY_LAUNCHERS[backend](q4, k4, q_out4, k_out4, spec, None, turns, rotary_dim, interleaved, False)
+    ROTARY_LAUNCHERS[backend](q4, k4, q_out4, k_out4, rope)
     return q_out, k_out
 
 
@@ -226,19 +220,15 @@ def _cache_rows_op_fake(q, k, *args):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-def _append(q, k, v, k_cache, v_cache, cache_index, spec, inv_freq, base, scaling_factor, rotary_dim, interleaved,
-            paged, kv_layout, backend):
+def _append(q, k, v, k_cache, v_cache, cache_index, rope, paged, kv_layout, backend):
     """Both appends after their checks: one launch of the fused op, except under torch.compile with caches that are
     views (``kv[:, 0]``): inductor drops the symbolic storage offset of a view that a custom op mutates, so there the
     op rotates and checks, and indexing writes the caches (a write pattern inductor gets right)."""
-    rotation = (*spec.op_args(), inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
     if not (torch.compiler.is_compiling() and (k_cache._base is not None or v_cache._base is not None)):
-        return torch.ops.pi_kernels.rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_index, *rotation, paged,
-                                                           kv_layout, backend)
+        return _cache_append_op(q, k, v, k_cache, v_cache, cache_index, rope, paged, kv_layout, backend)
     k_cache4, v_cache4 = _nhd(k_cache, kv_layout), _nhd(v_cache, kv_layout)
     cache_rows = k_cache4.shape[0] * k_cache4.shape[1] if paged else k_cache4.shape[1]
-    q_out, k_out = torch.ops.pi_kernels.rotary_kv_cache_rows(q, k, cache_index, cache_rows, *rotation, paged,
-                                                             backend)
+    q_out, k_out = _cache_rows_op(q, k, cache_index, cache_rows, rope, paged, backend)
     if not paged:
         rows = torch.arange(q.shape[0], device=q.device)[:, None]
         columns = cache_index[:, None] + torch.arange(q.shape[1], device=q.device)
@@ -347,8 +337,8 @@ def rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_seqlens, *, position
     else:
         spec = validation.resolve_positions(positions, batch, new, q.device)
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
-    return _append(q, k, v, k_cache, v_cache, cache_seqlens, spec, inv_freq, base, scaling_factor, rotary_dim,
-                   interleaved, False, "nhd", backend)
+    rope = Rope(spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    return _append(q, k, v, k_cache, v_cache, cache_seqlens, rope, False, "nhd", backend)
 
 
 def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positions, *, scaling_factor=1.0,
@@ -408,8 +398,9 @@ def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positi
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
-    return _append(q, k, v, k_cache, v_cache, slot_mapping, PositionSpec(POSITIONS_IDS, positions), inv_freq, base,
-                   scaling_factor, rotary_dim, interleaved, True, kv_layout, backend)
+    rope = Rope(PositionSpec(POSITIONS_IDS, positions), inv_freq, float(base), float(scaling_factor), rotary_dim,
+                bool(interleaved))
+    return _append(q, k, v, k_cache, v_cache, slot_mapping, rope, True, kv_layout, backend)
 
 
 def slot_mapping_from_block_table(block_table, block_size, cache_positions, seq_ids=None):

@@ -26,6 +26,7 @@ faster is for a GPU measurement to settle; ``benchmarks/bench_qkv_proj.py`` time
 dgrad + wgrad GEMMs.
 """
 
+import dataclasses
 import os
 
 import torch
@@ -35,9 +36,10 @@ import triton.language as tl
 from .. import _backend, _torch_backend
 from .. import _validation as v
 from .._backend import _interpreting
-from .._positions import PositionSpec, position_pointer_and_strides
+from .._positions import position_pointer_and_strides
 from . import attention
-from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
+from ._rope import rope_cos_sin, token_positions, varlen_search
+from ._schema import Rope, record_op
 from .attention import _ensure_scratch_allocator
 from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 
@@ -336,8 +338,11 @@ def _use_descriptors(x3, weights, outs):
     return flat and all(attention._descriptor_alignment(t, t.stride()) for t in tensors)
 
 
-def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim, rotary_dim, interleaved):
-    """Launch the fused kernel: x3 (batch, seq, hidden); outs (batch, seq, heads, head_dim) q, k and maybe v."""
+def _launch_forward(x3, weights, biases, outs, head_dim, rope):
+    """Launch the fused kernel: x3 (batch, seq, hidden); outs (batch, seq, heads, head_dim) q, k and maybe v, q and k
+    rotated by ``rope``."""
+    turns = rope.signed_turns(x3.device)
+    rotary_dim, interleaved, spec = rope.rotary_dim, rope.interleaved, rope.positions
     batch, seq_len, hidden = x3.shape
     n_tokens = batch * seq_len
     (wq, wk, wv), (bq, bk, bv) = weights, biases
@@ -349,7 +354,7 @@ def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim
         return
     n_heads = n_q_heads + n_kv_heads + (n_kv_heads if has_v else 0)
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, turns)
-    n_seqs, search_steps = varlen_search(cu_seqlens)
+    n_seqs, search_steps = varlen_search(spec.cu_seqlens)
     has_bias = bq is not None
     # Placeholders for the pointers a specialization never reads.
     wv, bq, bk, bv = (wv if has_v else wq), (bq if has_bias else wq), (bk if has_bias else wq), \
@@ -367,12 +372,12 @@ def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim
         return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * n_heads,)
 
     _qkv_rotary_kernel[grid](
-        x3, wq, wk, wv, bq, bk, bv, q4, k4, v4, turns, ids, cu_seqlens if cu_seqlens is not None else turns,
+        x3, wq, wk, wv, bq, bk, bv, q4, k4, v4, turns, ids, spec.cu_seqlens if spec.cu_seqlens is not None else turns,
         spec.offset, n_seqs, n_tokens, seq_len, n_q_heads, n_kv_heads, n_heads, triton.next_power_of_2(n_tokens),
         *x3.stride(), *wq.stride(), *wk.stride(), *wv.stride(), *stride_b,
         *q4.stride(), *k4.stride(), *v4.stride(), stride_pb, stride_ps,
         HIDDEN=hidden, HEAD_DIM=head_dim, ROTARY_HALF=rotary_dim // 2, BLOCK_P=block_pairs,
-        POS_MODE=spec.mode, IS_VARLEN=cu_seqlens is not None, SEARCH_STEPS=search_steps,
+        POS_MODE=spec.mode, IS_VARLEN=spec.cu_seqlens is not None, SEARCH_STEPS=search_steps,
         INTERLEAVED=interleaved, HAS_BIAS=has_bias, HAS_V=has_v, DOT_FP32=_interpreting(),
         INPUT_PRECISION=_input_precision(x3.dtype), HALVES_IN_ORDER=halves_in_order, USE_DESC=use_desc,
     )
@@ -383,12 +388,21 @@ def _launch_forward(x3, weights, biases, outs, spec, cu_seqlens, turns, head_dim
 LAUNCHERS = {"triton": _launch_forward, "torch": _torch_backend.qkv_proj}
 
 
-def _output_shapes(x, weights, num_heads, num_kv_heads, head_dim):
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """How the projection's rows split into heads: q heads, k (and v) heads, features per head."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _output_shapes(x, weights, heads):
     """Shapes of q, k (and v when the weights include it): x's leading dims, then (heads, head_dim)."""
     lead = tuple(x.shape[:-1])
-    shapes = [(*lead, num_heads, head_dim), (*lead, num_kv_heads, head_dim)]
+    shapes = [(*lead, heads.num_heads, heads.head_dim), (*lead, heads.num_kv_heads, heads.head_dim)]
     if len(weights) != 2:
-        shapes.append((*lead, num_kv_heads, head_dim))
+        shapes.append((*lead, heads.num_kv_heads, heads.head_dim))
     return shapes
 
 
@@ -397,27 +411,31 @@ def _as_bshd(t):
     return t if t.dim() == 4 else t.unsqueeze(0)
 
 
-def qkv_proj_forward(x, weights, biases, positions, position_mode, position_offset, cu_seqlens, inv_freq, base,
-                     scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, backend="triton"):
+@record_op("qkv_proj_rotary")
+def qkv_proj_forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], rope: Rope,
+                     heads: Heads, backend: str) -> list[torch.Tensor]:
     """Projection and rotation on validated arguments; returns [q, k] or [q, k, v] (new tensors).
 
     ``weights`` is ``[fused]``, ``[wq, wk]`` or ``[wq, wk, wv]``; ``biases`` is empty or matches it. ``backend``
     is a resolved one, "triton" or "torch".
     """
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
-    v.check_values(positions, cu_seqlens, None, x3.shape[1])
-    outs = [x.new_empty(shape) for shape in _output_shapes(x, weights, num_heads, num_kv_heads, head_dim)]
-    split_weights, split_biases = _split_heads(weights, biases, num_heads, num_kv_heads, head_dim)
-    turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
-    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    LAUNCHERS[backend](x3, split_weights, split_biases, [_as_bshd(out) for out in outs], spec, cu_seqlens,
-                                turns, head_dim, rotary_dim, interleaved)
+    v.check_values(rope.positions.ids, rope.positions.cu_seqlens, None, x3.shape[1])
+    outs = [x.new_empty(shape) for shape in _output_shapes(x, weights, heads)]
+    split_weights, split_biases = _split_heads(weights, biases, heads.num_heads, heads.num_kv_heads, heads.head_dim)
+    LAUNCHERS[backend](x3, split_weights, split_biases, [_as_bshd(out) for out in outs], heads.head_dim, rope)
     return outs
 
 
-def qkv_proj_backward(grads, x, weights, positions, position_mode, position_offset, cu_seqlens, inv_freq, base,
-                      scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, need_x_grad,
-                      need_weight_grad, need_bias_grad, backend="triton"):
+@qkv_proj_forward.register_fake
+def _qkv_proj_forward_fake(x, weights, biases, rope, heads, backend):
+    return [x.new_empty(shape) for shape in _output_shapes(x, weights, heads)]
+
+
+@record_op("qkv_proj_rotary_backward")
+def qkv_proj_backward(grads: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor], rope: Rope,
+                      heads: Heads, need_x_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+                      backend: str) -> list[torch.Tensor]:
     """Gradients of :func:`qkv_proj_forward` from the gradients of its outputs (any strides, stride 0 included).
 
     Returns ``[dx]`` if ``need_x_grad``, then one gradient per weight if ``need_weight_grad``, then one per bias if
@@ -425,16 +443,13 @@ def qkv_proj_backward(grads, x, weights, positions, position_mode, position_offs
     """
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     n_tokens, hidden = x3.shape[0] * x3.shape[1], x3.shape[2]
-    q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+    q_rows, kv_rows = heads.num_heads * heads.head_dim, heads.num_kv_heads * heads.head_dim
     rows = [q_rows, kv_rows] + ([kv_rows] if len(grads) == 3 else [])
     # dy: the gradient of x @ weight.T + bias, i.e. dq and dk rotated back by -angle, and dv as it is.
     grad_rows = x.new_empty(n_tokens, sum(rows))
-    parts = [part.view(*x3.shape[:2], part_rows // head_dim, head_dim)
+    parts = [part.view(*x3.shape[:2], part_rows // heads.head_dim, heads.head_dim)
              for part, part_rows in zip(grad_rows.split(rows, dim=1), rows, strict=True)]
-    turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, x.device)
-    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    ROTARY_LAUNCHERS[backend](_as_bshd(grads[0]), _as_bshd(grads[1]), parts[0], parts[1], spec, cu_seqlens, turns,
-                              rotary_dim, interleaved, True)
+    ROTARY_LAUNCHERS[backend](_as_bshd(grads[0]), _as_bshd(grads[1]), parts[0], parts[1], rope.reversed())
     if len(grads) == 3:
         parts[2].copy_(_as_bshd(grads[2]))
     # One block for a fused weight, one per weight otherwise (views of grad_rows, no copies).
@@ -453,38 +468,9 @@ def qkv_proj_backward(grads, x, weights, positions, position_mode, position_offs
     return out
 
 
-@torch.library.custom_op("pi_kernels::qkv_proj_rotary", mutates_args=())
-def _qkv_proj_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                 positions: torch.Tensor | None, position_mode: int, position_offset: int,
-                 cu_seqlens: torch.Tensor | None, inv_freq: torch.Tensor | None, base: float, scaling_factor: float,
-                 num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
-                 interleaved: bool, backend: str) -> list[torch.Tensor]:
-    return qkv_proj_forward(x, weights, biases, positions, position_mode, position_offset, cu_seqlens, inv_freq,
-                            base, scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, backend)
-
-
-@_qkv_proj_op.register_fake
-def _qkv_proj_op_fake(x, weights, biases, positions, position_mode, position_offset, cu_seqlens, inv_freq, base,
-                      scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, backend):
-    return [x.new_empty(shape) for shape in _output_shapes(x, weights, num_heads, num_kv_heads, head_dim)]
-
-
-@torch.library.custom_op("pi_kernels::qkv_proj_rotary_backward", mutates_args=())
-def _qkv_proj_backward_op(grads: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
-                          positions: torch.Tensor | None, position_mode: int, position_offset: int,
-                          cu_seqlens: torch.Tensor | None, inv_freq: torch.Tensor | None, base: float,
-                          scaling_factor: float, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
-                          interleaved: bool, need_x_grad: bool, need_weight_grad: bool,
-                          need_bias_grad: bool, backend: str) -> list[torch.Tensor]:
-    return qkv_proj_backward(grads, x, weights, positions, position_mode, position_offset, cu_seqlens, inv_freq,
-                             base, scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
-                             need_x_grad, need_weight_grad, need_bias_grad, backend)
-
-
-@_qkv_proj_backward_op.register_fake
-def _qkv_proj_backward_op_fake(grads, x, weights, positions, position_mode, position_offset, cu_seqlens, inv_freq,
-                               base, scaling_factor, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
-                               need_x_grad, need_weight_grad, need_bias_grad, backend):
+@qkv_proj_backward.register_fake
+def _qkv_proj_backward_fake(grads, x, weights, rope, heads, need_x_grad, need_weight_grad, need_bias_grad,
+                            backend):
     out = [torch.empty_like(x)] if need_x_grad else []
     if need_weight_grad:
         out += [torch.empty_like(weight) for weight in weights]
@@ -497,35 +483,27 @@ class QKVProjRotaryFunction(torch.autograd.Function):
     """Autograd for the fused projection: up to three weights and three biases (None where absent)."""
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, weight_c, bias_a, bias_b, bias_c, positions, position_mode,
-                position_offset, cu_seqlens, inv_freq, base, scaling_factor, num_heads, num_kv_heads, head_dim,
-                rotary_dim, interleaved, backend):
+    def forward(ctx, x, weight_a, weight_b, weight_c, bias_a, bias_b, bias_c, rope, heads, backend):
         weights = [w for w in (weight_a, weight_b, weight_c) if w is not None]
         biases = [b for b in (bias_a, bias_b, bias_c) if b is not None]
-        outs = torch.ops.pi_kernels.qkv_proj_rotary(x, weights, biases, positions, position_mode, position_offset,
-                                                    cu_seqlens, inv_freq, float(base), float(scaling_factor),
-                                                    num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
-                                                    backend)
-        ctx.save_for_backward(x, positions, cu_seqlens, inv_freq, *weights)
-        ctx.position_form = (position_mode, position_offset)
-        ctx.options = (float(base), float(scaling_factor), num_heads, num_kv_heads, head_dim, rotary_dim, interleaved)
-        ctx.backend = backend
+        outs = qkv_proj_forward(x, weights, biases, rope, heads, backend)
+        ctx.save_for_backward(x, *weights)
+        ctx.options = (rope, heads, backend)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, positions, cu_seqlens, inv_freq, *weights = ctx.saved_tensors
+        x, *weights = ctx.saved_tensors
+        rope, heads, backend = ctx.options
         needs = ctx.needs_input_grad
         need_x, need_weight, need_bias = needs[0], any(needs[1:4]), any(needs[4:7])
-        computed = torch.ops.pi_kernels.qkv_proj_rotary_backward(
-            list(grads), x, weights, positions, *ctx.position_form, cu_seqlens, inv_freq, *ctx.options, need_x,
-            need_weight, need_bias, ctx.backend)
-        computed = iter(computed)
+        computed = iter(qkv_proj_backward(list(grads), x, weights, rope, heads, need_x, need_weight, need_bias,
+                                          backend))
         grad_x = next(computed) if need_x else None
         padding = [None] * (3 - len(weights))
         grad_weights = [next(computed) for _ in weights] + padding if need_weight else [None] * 3
         grad_biases = [next(computed) for _ in weights] + padding if need_bias else [None] * 3
-        return grad_x, *grad_weights, *grad_biases, *([None] * 13)
+        return grad_x, *grad_weights, *grad_biases, None, None, None
 
 
 def _check_int(value, name, minimum):
@@ -649,9 +627,9 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
     backend = _backend.resolve_backend(backend, x.device, LAUNCHERS)
     padding = [None] * (3 - len(weights))
     bias_args = biases + [None] * (3 - len(biases))
-    return QKVProjRotaryFunction.apply(x, *weights, *padding, *bias_args, *spec.op_args(),
-                                       cu_seqlens, inv_freq, base, scaling_factor, num_heads, num_kv_heads,
-                                       head_dim, rotary_dim, bool(interleaved), backend)
+    rope = Rope(spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    return QKVProjRotaryFunction.apply(x, *weights, *padding, *bias_args, rope,
+                                       Heads(num_heads, num_kv_heads, head_dim), backend)
 
 
 class QKVProjRotary(torch.nn.Module):

@@ -16,8 +16,9 @@ import triton.language as tl
 
 from .. import _backend, _cuda, _torch_backend
 from .. import _validation as v
-from .._positions import PositionSpec, position_pointer_and_strides
-from ._rope import rope_cos_sin, token_positions, turns_table, varlen_search
+from .._positions import position_pointer_and_strides
+from ._rope import rope_cos_sin, token_positions, varlen_search
+from ._schema import Rope, record_op
 
 __all__ = ["LAUNCHERS", "RotaryInterp", "RotaryInterpFunction", "launch_rotary_kernel", "rotary_forward",
            "rotary_interp"]
@@ -135,12 +136,14 @@ def _min_programs(device):
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary_dim, interleaved, conjugate):
-    """Launch the kernel on (batch, seq, heads, dim) views; outputs may be the inputs (in place)."""
+def launch_rotary_kernel(q4, k4, q_out4, k_out4, rope):
+    """Rotate (batch, seq, heads, dim) views by ``rope`` (a :class:`Rope`); outputs may be the inputs (in place)."""
+    turns = rope.turns(q4.device)
     batch, seq_len, n_q_heads, head_dim = q4.shape
     n_k_heads = k4.shape[2]
     if batch * seq_len == 0 or n_q_heads + n_k_heads == 0:
         return
+    rotary_dim, spec = rope.rotary_dim, rope.positions
     rotary_half = rotary_dim // 2
     block_half = triton.next_power_of_2(rotary_half)
     # A (token, pair) tile of ~1k elements per half: one 16-byte vector per thread and load at 4 warps. Every head of
@@ -156,17 +159,17 @@ def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary
     copy_tail = rotary_dim < head_dim and q_out4.data_ptr() != q4.data_ptr()
     block_tail = triton.next_power_of_2(head_dim - rotary_dim) if copy_tail else 1
     ids, stride_pb, stride_ps = position_pointer_and_strides(spec, turns)
-    n_seqs, search_steps = varlen_search(cu_seqlens)
+    n_seqs, search_steps = varlen_search(spec.cu_seqlens)
     grid = (batch * n_token_blocks, groups)
     _rotary_kernel[grid](
-        q4, k4, q_out4, k_out4, turns, ids, cu_seqlens if cu_seqlens is not None else turns,
+        q4, k4, q_out4, k_out4, turns, ids, spec.cu_seqlens if spec.cu_seqlens is not None else turns,
         spec.offset, seq_len, n_token_blocks, n_seqs,
         n_q_heads, n_k_heads,
         *q4.stride(), *k4.stride(), *q_out4.stride(), *k_out4.stride(), stride_pb, stride_ps,
         ROTARY_HALF=rotary_half, HEAD_DIM=head_dim, BLOCK_T=block_t, Q_HEADS=q_heads, K_HEADS=k_heads,
         BLOCK_HALF=block_half,
-        BLOCK_TAIL=block_tail, POS_MODE=spec.mode, IS_VARLEN=cu_seqlens is not None, INTERLEAVED=interleaved,
-        CONJUGATE=conjugate, COPY_TAIL=copy_tail, SEARCH_STEPS=search_steps,
+        BLOCK_TAIL=block_tail, POS_MODE=spec.mode, IS_VARLEN=spec.cu_seqlens is not None,
+        INTERLEAVED=rope.interleaved, CONJUGATE=rope.conjugate, COPY_TAIL=copy_tail, SEARCH_STEPS=search_steps,
         num_warps=4,
     )
 
@@ -176,25 +179,18 @@ def launch_rotary_kernel(q4, k4, q_out4, k_out4, spec, cu_seqlens, turns, rotary
 LAUNCHERS = {"triton": launch_rotary_kernel, "cuda": _cuda.rotary, "torch": _torch_backend.rotary}
 
 
-def _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-         scaling_factor, rotary_dim, interleaved, layout, conjugate, backend):
+def _run(q, k, q_out, k_out, rope, max_seqlen, layout, backend):
     """Shared body of the two custom ops: value checks, then one launch for q and k (Triton, CUDA or torch)."""
     q4, k4 = v.to_bshd(q, layout), v.to_bshd(k, layout)
-    v.check_values(positions, cu_seqlens, max_seqlen, q4.shape[1])
-    turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, q.device)
-    spec = PositionSpec.from_op_args(positions, position_mode, position_offset)
-    LAUNCHERS[backend](q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), spec, cu_seqlens, turns,
-                       rotary_dim, interleaved, conjugate)
+    v.check_values(rope.positions.ids, rope.positions.cu_seqlens, max_seqlen, q4.shape[1])
+    LAUNCHERS[backend](q4, k4, v.to_bshd(q_out, layout), v.to_bshd(k_out, layout), rope)
 
 
-@torch.library.custom_op("pi_kernels::rotary_interp", mutates_args=())
-def _rotary_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, position_mode: int,
-               position_offset: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
-               inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
-               interleaved: bool, layout: str, conjugate: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+@record_op("rotary_interp")
+def _rotary_op(q: torch.Tensor, k: torch.Tensor, rope: Rope, max_seqlen: int | None, layout: str,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    _run(q, k, q_out, k_out, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-         scaling_factor, rotary_dim, interleaved, layout, conjugate, backend)
+    _run(q, k, q_out, k_out, rope, max_seqlen, layout, backend)
     return q_out, k_out
 
 
@@ -203,13 +199,10 @@ def _rotary_op_fake(q, k, *args):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-@torch.library.custom_op("pi_kernels::rotary_interp_", mutates_args=("q", "k"))
-def _rotary_inplace_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, position_mode: int,
-                       position_offset: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
-                       inv_freq: torch.Tensor | None, base: float, scaling_factor: float, rotary_dim: int,
-                       interleaved: bool, layout: str, conjugate: bool, backend: str) -> None:
-    _run(q, k, q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-         scaling_factor, rotary_dim, interleaved, layout, conjugate, backend)
+@record_op("rotary_interp_", mutates_args=("q", "k"))
+def _rotary_inplace_op(q: torch.Tensor, k: torch.Tensor, rope: Rope, max_seqlen: int | None, layout: str,
+                       backend: str) -> None:
+    _run(q, k, q, k, rope, max_seqlen, layout, backend)
 
 
 @_rotary_inplace_op.register_fake
@@ -217,19 +210,15 @@ def _rotary_inplace_op_fake(q, k, *args):
     return None
 
 
-def rotary_forward(q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-                   scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate, backend="triton"):
-    """Rotate q and k (by -angle when ``conjugate``) with validated arguments; returns (q_out, k_out).
+def rotary_forward(q, k, rope, max_seqlen, layout, inplace, backend="triton"):
+    """Rotate q and k by ``rope`` (a :class:`Rope`, resolved and checked); returns (q_out, k_out).
 
-    ``positions``/``position_mode``/``position_offset`` are a resolved position form (see ``_validation``);
     ``backend`` is a resolved one, "triton", "cuda" or "torch" (see ``_backend.resolve_backend``).
     """
-    args = (positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, float(base),
-            float(scaling_factor), rotary_dim, interleaved, layout, conjugate, backend)
     if inplace:
-        torch.ops.pi_kernels.rotary_interp_(q, k, *args)
+        _rotary_inplace_op(q, k, rope, max_seqlen, layout, backend)
         return q, k
-    return torch.ops.pi_kernels.rotary_interp(q, k, *args)
+    return _rotary_op(q, k, rope, max_seqlen, layout, backend)
 
 
 def _no_heads_like(x, layout):
@@ -247,30 +236,22 @@ class RotaryInterpFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, positions, position_mode, position_offset, cu_seqlens, max_seqlen, inv_freq, base,
-                scaling_factor, rotary_dim, interleaved, layout, inplace, conjugate, backend):
-        q_out, k_out = rotary_forward(q, _no_heads_like(q, layout) if k is None else k, positions, position_mode,
-                                      position_offset, cu_seqlens, max_seqlen, inv_freq, base, scaling_factor,
-                                      rotary_dim, interleaved, layout, inplace, conjugate, backend)
+    def forward(ctx, q, k, rope, max_seqlen, layout, inplace, backend):
+        q_out, k_out = rotary_forward(q, _no_heads_like(q, layout) if k is None else k, rope, max_seqlen, layout,
+                                      inplace, backend)
         if inplace:
             ctx.mark_dirty(*((q,) if k is None else (q, k)))
-        ctx.save_for_backward(positions, cu_seqlens, inv_freq)
-        ctx.options = (position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved,
-                       layout, conjugate, backend)
+        ctx.rope, ctx.options = rope, (max_seqlen, layout, backend)
         ctx.rotates_k = k is not None
         return (q_out, k_out) if k is not None else q_out
 
     @staticmethod
     def backward(ctx, grad_q, grad_k=None):
-        positions, cu_seqlens, inv_freq = ctx.saved_tensors
-        position_mode, position_offset, max_seqlen, base, scaling_factor, rotary_dim, interleaved, layout, \
-            conjugate, backend = ctx.options
+        max_seqlen, layout, backend = ctx.options
         # Going through apply again keeps the backward itself differentiable (double backward).
-        grads = RotaryInterpFunction.apply(grad_q, grad_k, positions, position_mode,
-                                           position_offset, cu_seqlens, max_seqlen, inv_freq, base, scaling_factor,
-                                           rotary_dim, interleaved, layout, False, not conjugate, backend)
+        grads = RotaryInterpFunction.apply(grad_q, grad_k, ctx.rope.reversed(), max_seqlen, layout, False, backend)
         grad_q, grad_k = grads if ctx.rotates_k else (grads, None)
-        return grad_q, grad_k, *([None] * 14)
+        return grad_q, grad_k, None, None, None, None, None
 
 
 def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv_freq=None, rotary_dim=None,
@@ -342,31 +323,30 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
     if inplace:
         v.check_no_overlap((("q", q), ("k", k)))
-    args = (*spec.op_args(), cu_seqlens, max_seqlen, inv_freq, base, scaling_factor, rotary_dim, bool(interleaved),
-            layout)
+    rope = Rope(spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
     if not inplace:
-        return RotaryInterpFunction.apply(q, k, *args, False, False, backend)
-    return _rotate_in_place(q, k, args, backend)
+        return RotaryInterpFunction.apply(q, k, rope, max_seqlen, layout, False, backend)
+    return _rotate_in_place(q, k, rope, max_seqlen, layout, backend)
 
 
-def _rotate_in_place(q, k, args, backend):
-    """rotary_interp(inplace=True) after its checks; ``args`` are RotaryInterpFunction's from positions to layout."""
+def _rotate_in_place(q, k, rope, max_seqlen, layout, backend):
+    """rotary_interp(inplace=True) after its checks."""
     if torch.compiler.is_compiling():
         # Out of place, then copied back: under AOTAutograd a Function that marks a view dirty gets a backward that
         # ignores the rotation, and inductor drops the symbolic storage offset of a view a custom op mutates (wrong
         # forward after a dynamic-shape recompile). copy_ into a view is a pattern functionalization, autograd and
         # inductor all handle.
-        q_out, k_out = RotaryInterpFunction.apply(q, k, *args, False, False, backend)
+        q_out, k_out = RotaryInterpFunction.apply(q, k, rope, max_seqlen, layout, False, backend)
         q.copy_(q_out)
         k.copy_(k_out)
     elif not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-        rotary_forward(q, k, *args, True, False, backend)  # the mutating op: one launch
+        rotary_forward(q, k, rope, max_seqlen, layout, True, backend)  # the mutating op: one launch
     elif q._base is not None or k._base is not None:
         # Eager autograd: one Function per tensor, PyTorch's rule for in-place Functions on views.
-        RotaryInterpFunction.apply(q, None, *args, True, False, backend)
-        RotaryInterpFunction.apply(k, None, *args, True, False, backend)
+        RotaryInterpFunction.apply(q, None, rope, max_seqlen, layout, True, backend)
+        RotaryInterpFunction.apply(k, None, rope, max_seqlen, layout, True, backend)
     else:
-        RotaryInterpFunction.apply(q, k, *args, True, False, backend)
+        RotaryInterpFunction.apply(q, k, rope, max_seqlen, layout, True, backend)
     return q, k
 
 

@@ -10,6 +10,7 @@ plain-PyTorch ones of :mod:`pi_kernels._torch_backend` have the same semantics. 
 (``kv_cache.py``).
 """
 
+import dataclasses
 import numbers
 
 import torch
@@ -18,8 +19,9 @@ import triton.language as tl
 
 from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
-from ..scaling import rope_inv_freq
-from ._rope import rope_cos_sin, token_positions, turns_table
+from .._positions import POSITIONS_IDS, PositionSpec, position_pointer_and_strides
+from ._rope import rope_cos_sin, token_positions
+from ._schema import Rope, record_op
 
 __all__ = ["LAUNCHERS", "RotaryEmbeddingFunction", "launch_rotary_embedding", "rotary_embedding",
            "rotary_embedding_interp"]
@@ -128,48 +130,48 @@ def block_sizes(seq_len, head_counts, elements_per_token_head):
     return block_t, block_h
 
 
-def launch_rotary_embedding(query4, key4, positions, cos_sin_cache, turns, rotary_dim, interleaved):
-    """Rotate (batch, seq, heads, head_size) views in place; positions (batch or 1, seq); key4 may have 0 heads.
+def launch_rotary_embedding(query4, key4, rope, cos_sin_cache):
+    """Rotate (batch, seq, heads, head_size) views in place by ``rope``, whose positions are ids, (seq,) or
+    (batch or 1, seq); key4 may have 0 heads.
 
-    cos/sin come from ``cos_sin_cache`` when given, else from the float64 ``turns`` table.
+    cos/sin come from ``cos_sin_cache`` rows at the positions when it is given, else from the rope's angles.
     """
+    from_cache = cos_sin_cache is not None
+    turns = None if from_cache else rope.signed_turns(query4.device)
     batch, seq_len, n_q_heads, head_size = query4.shape
     n_k_heads = key4.shape[2]
     if batch * seq_len == 0 or n_q_heads + n_k_heads == 0:
         return
-    rotary_half = rotary_dim // 2
+    rotary_half = rope.rotary_dim // 2
     block_half = triton.next_power_of_2(rotary_half)
     block_t, block_h = block_sizes(seq_len, (n_q_heads, n_k_heads), 2 * block_half)
     n_token_blocks = triton.cdiv(seq_len, block_t)
     n_q_groups = triton.cdiv(n_q_heads, block_h)
     n_groups = n_q_groups + triton.cdiv(n_k_heads, block_h)
-    from_cache = cos_sin_cache is not None
-    stride_pb = positions.stride(0) if positions.shape[0] > 1 else 0
+    positions, stride_pb, stride_ps = position_pointer_and_strides(rope.positions, None)
     # The pointer the variant does not read gets the other table as a placeholder.
     _rotary_embedding_kernel[(batch * n_token_blocks, n_groups)](
         query4, key4, cos_sin_cache if from_cache else turns, cos_sin_cache if from_cache else turns,
         positions, cos_sin_cache.shape[0] if from_cache else 0, seq_len, n_token_blocks,
-        n_q_heads, n_k_heads, n_q_groups, *query4.stride(), *key4.stride(), stride_pb, positions.stride(1),
+        n_q_heads, n_k_heads, n_q_groups, *query4.stride(), *key4.stride(), stride_pb, stride_ps,
         *(cos_sin_cache.stride() if from_cache else (0, 0)),
         ROTARY_HALF=rotary_half, HEAD_DIM=head_size, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        COS_SIN_FROM_CACHE=from_cache, INTERLEAVED=interleaved,
+        COS_SIN_FROM_CACHE=from_cache, INTERLEAVED=rope.interleaved,
         num_warps=4,
     )
 
 
 def _vllm_views(positions, query, key, head_size):
-    """(query4, key4, positions2d): (batch or 1, seq, heads, head_size) views of vLLM-convention tensors.
+    """(query4, key4): (batch or 1, seq, heads, head_size) views of vLLM-convention tensors.
 
     A missing key becomes a 0-head view of query, so one launch serves both cases.
     """
-    flat = positions.reshape(1, -1) if positions.dim() == 1 else positions
-
     def heads_view(x):
         x4 = x.unflatten(-1, (-1, head_size)) if x.dim() == positions.dim() + 1 else x
         return x4.unsqueeze(0) if positions.dim() == 1 else x4
 
     query4 = heads_view(query)
-    return query4, query4[:, :, :0] if key is None else heads_view(key), flat
+    return query4, query4[:, :, :0] if key is None else heads_view(key)
 
 
 # The launcher of each backend, all with launch_rotary_embedding's arguments; its keys are the backends this op
@@ -178,18 +180,16 @@ LAUNCHERS = {"triton": launch_rotary_embedding, "cuda": _cuda.rotary_embedding,
              "torch": _torch_backend.rotary_embedding}
 
 
-@torch.library.custom_op("pi_kernels::rotary_embedding", mutates_args=("query", "key"))
-def _rotary_embedding_op(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None, head_size: int,
-                         cos_sin_cache: torch.Tensor | None, inv_freq: torch.Tensor | None, base: float,
-                         scaling_factor: float, rotary_dim: int, is_neox: bool, backend: str) -> None:
-    query4, key4, positions2d = _vllm_views(positions, query, key, head_size)
+@record_op("rotary_embedding", mutates_args=("query", "key"))
+def _rotary_embedding_op(query: torch.Tensor, key: torch.Tensor | None, head_size: int, rope: Rope,
+                         cos_sin_cache: torch.Tensor | None, backend: str) -> None:
+    positions = rope.positions.ids
+    query4, key4 = _vllm_views(positions, query, key, head_size)
     if cos_sin_cache is None:
         validation.check_values(positions, None, None, 0)
-        turns = turns_table(inv_freq, base, scaling_factor, rotary_dim, query.device)
     else:
         validation.check_range(positions, "positions", 0, cos_sin_cache.shape[0], "rows of cos_sin_cache")
-        turns = None
-    LAUNCHERS[backend](query4, key4, positions2d, cos_sin_cache, turns, rotary_dim, not is_neox)
+    LAUNCHERS[backend](query4, key4, rope, cos_sin_cache)
 
 
 @_rotary_embedding_op.register_fake
@@ -203,46 +203,44 @@ class RotaryEmbeddingFunction(torch.autograd.Function):
     by −angle with the same op. Outputs are (query, key or None)."""
 
     @staticmethod
-    def forward(ctx, positions, query, key, head_size, cos_sin_cache, inv_freq, base, scaling_factor, rotary_dim,
-                is_neox, backend):
+    def forward(ctx, query, key, head_size, rope, cos_sin_cache, backend):
         query, key = query.clone(), None if key is None else key.clone()
-        torch.ops.pi_kernels.rotary_embedding(positions, query, key, head_size, cos_sin_cache, inv_freq, base,
-                                              scaling_factor, rotary_dim, is_neox, backend)
-        ctx.save_for_backward(positions, cos_sin_cache, inv_freq)
-        ctx.settings = (head_size, base, scaling_factor, rotary_dim, is_neox, backend)
+        _rotary_embedding_op(query, key, head_size, rope, cos_sin_cache, backend)
+        ctx.save_for_backward(cos_sin_cache)
+        ctx.settings = (head_size, rope, backend)
         return query, key
 
     @staticmethod
     def backward(ctx, grad_query, grad_key):
-        positions, cos_sin_cache, inv_freq = ctx.saved_tensors
-        head_size, base, scaling_factor, rotary_dim, is_neox, backend = ctx.settings
-        if cos_sin_cache is not None:
-            # The conjugate rotation of each token: its cache row with sin negated, read at the token's own index.
-            rows = cos_sin_cache[positions.reshape(-1)]
-            cos_sin_cache = torch.cat((rows[:, :rotary_dim // 2], -rows[:, rotary_dim // 2:rotary_dim]), dim=1)
-            positions = torch.arange(positions.numel(), device=positions.device).view(positions.shape)
+        (cos_sin_cache,) = ctx.saved_tensors
+        head_size, rope, backend = ctx.settings
+        if cos_sin_cache is None:
+            rope = rope.reversed()
         else:
-            # Rotation by −angle: negated frequencies (cos is even and sin odd, also after the range reduction).
-            inv_freq = -(rope_inv_freq(base, rotary_dim, device=positions.device) if inv_freq is None else inv_freq)
+            # The conjugate rotation of each token: its cache row with sin negated, read at the token's own index.
+            positions, half = rope.positions.ids, rope.rotary_dim // 2
+            rows = cos_sin_cache[positions.reshape(-1)]
+            cos_sin_cache = torch.cat((rows[:, :half], -rows[:, half:2 * half]), dim=1)
+            own_rows = torch.arange(positions.numel(), device=positions.device).view(positions.shape)
+            rope = dataclasses.replace(rope, positions=PositionSpec(POSITIONS_IDS, own_rows))
         # Through apply again, so the backward is itself differentiable.
-        grad_query, grad_key = RotaryEmbeddingFunction.apply(positions, grad_query, grad_key, head_size,
-                                                             cos_sin_cache, inv_freq, base, scaling_factor,
-                                                             rotary_dim, is_neox, backend)
-        return None, grad_query, grad_key, *([None] * 8)
+        grad_query, grad_key = RotaryEmbeddingFunction.apply(grad_query, grad_key, head_size, rope, cos_sin_cache,
+                                                             backend)
+        return grad_query, grad_key, None, None, None, None
 
 
-def _rotate(positions, query, key, *settings):
-    """Both public ops after their checks: ``settings`` are the custom op's arguments after ``key``."""
+def _rotate(query, key, head_size, rope, cos_sin_cache, backend):
+    """Both public ops after their checks."""
     # Under torch.compile always out of place, then copied back: inductor drops the symbolic storage offset of a view
     # that a custom op mutates (see rotary.py's _rotate_in_place).
     if torch.compiler.is_compiling() or \
             (torch.is_grad_enabled() and (query.requires_grad or (key is not None and key.requires_grad))):
-        query_out, key_out = RotaryEmbeddingFunction.apply(positions, query, key, *settings)
+        query_out, key_out = RotaryEmbeddingFunction.apply(query, key, head_size, rope, cos_sin_cache, backend)
         query.copy_(query_out)
         if key is not None:
             key.copy_(key_out)
     else:
-        torch.ops.pi_kernels.rotary_embedding(positions, query, key, *settings)
+        _rotary_embedding_op(query, key, head_size, rope, cos_sin_cache, backend)
 
 
 def _check_vllm_inputs(positions, query, key, head_size):
@@ -319,7 +317,9 @@ def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox=Tr
     if cos_sin_cache.requires_grad and torch.is_grad_enabled():
         raise ValueError("cos_sin_cache requires grad, but no gradient flows to it; pass cos_sin_cache.detach()")
     backend = _backend.resolve_backend(backend, query.device, LAUNCHERS)
-    _rotate(positions, query, key, int(head_size), cos_sin_cache, None, 0.0, 1.0, rot_dim, bool(is_neox), backend)
+    # The cache holds the angles: the rope's frequencies are never read.
+    rope = Rope(PositionSpec(POSITIONS_IDS, positions), None, 1.0, 1.0, rot_dim, not is_neox)
+    _rotate(query, key, int(head_size), rope, cos_sin_cache, backend)
 
 
 def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None, scaling_factor=1.0,
@@ -356,5 +356,6 @@ def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None
     rotary_dim = validation.check_rotary_dim(rotary_dim, head_size)
     validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     backend = _backend.resolve_backend(backend, query.device, LAUNCHERS)
-    _rotate(positions, query, key, int(head_size), None, inv_freq, float(base), float(scaling_factor), rotary_dim,
-            bool(is_neox), backend)
+    rope = Rope(PositionSpec(POSITIONS_IDS, positions), inv_freq, float(base), float(scaling_factor), rotary_dim,
+                not is_neox)
+    _rotate(query, key, int(head_size), rope, None, backend)
