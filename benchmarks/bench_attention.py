@@ -37,16 +37,16 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
     import peers
     import report
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "attention_rotary"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = {name: cli.DTYPES[name] for name in ("bf16", "fp16")}
 FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # backward: five GEMMs to the forward's two
 # Relative-norm error against float64: a few times an attention's own rounding in the dtype (eager bf16 attention

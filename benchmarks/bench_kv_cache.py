@@ -30,16 +30,16 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
     import peers
     import report
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "rotary_kv_cache_append"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = cli.DTYPES
 # As in bench_rotary: well above a correct op's rounding in each dtype, far below the error of wrong math.
 PARITY_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}

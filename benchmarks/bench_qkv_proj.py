@@ -33,16 +33,16 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
     import peers
     import report
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "qkv_proj_rotary"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = {name: cli.DTYPES[name] for name in ("bf16", "fp16")}
 # Relative-norm error against float64: a few units of the dtype's rounding for a correct op (K-long fp32
 # accumulations included), far below the O(1) error of a wrong rotation, split or scaling.

@@ -27,6 +27,7 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, results_io, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
@@ -34,10 +35,9 @@ except ImportError:  # run as a script: this folder, not the repository root, is
     import report
     import results_io
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "rotary_interp"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = cli.DTYPES  # bf16, fp16, fp32
 # Well above the rounding noise of a correct implementation in each dtype (a few units of its last place),
 # far below the O(1) error of wrong math (wrong pairing, layout or scaling).

@@ -38,6 +38,9 @@ except ImportError:  # run as a script: this folder, not the repository root, is
     import results_io
     import timing
 
+# The RoPE every benchmark runs, so that their results compare: Position Interpolation by 4 over Llama's base.
+SCALING_FACTOR = 4.0
+BASE = 10000.0
 NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
 # Plain-PyTorch code timed on CPU runs on one thread, so that a run on a shared machine compares like with like.
 CPU_THREADS = 1
