@@ -257,33 +257,21 @@ def _run_provider(provider: peers.Provider, family: Family, seq: int, dtype_name
                   budget: timing.Budget) -> list[dict[str, Any]]:
     """Check and time one provider in every mode on ``tensors`` (q, k, v, upstream gradient)."""
     rows = [_row(family, provider, mode, dtype_name, seq, causal) for mode in modes]
-    try:
-        fwd = provider.build(causal)
-    except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
-        for row in rows:
-            row.update(status="error", note=harness.short_error(exc))
-        return rows
-    errors: dict[str, float | None] = {}
-
-    def check(mode: str) -> float | None:
-        if not errors:  # one forward (and backward) gives the errors of every mode
-            errors.update(parity(fwd, provider, *tensors, causal, modes))
-        return errors[mode]
 
     def record_peak(fn: Callable[[], Any], row: dict[str, Any]) -> None:
         if row["mode"] == "fwd+bwd":
             row["peak_mib"] = peak_memory_mib(fn, device)
 
-    for row in rows:
-        mode = row["mode"]
-        measured = harness.check_then_time(
-            row,
-            check=lambda mode=mode: check(mode),
-            tol=PARITY_TOL[DTYPES[dtype_name]],
-            make_call=lambda mode=mode: timed_call(fwd, *tensors, mode),
-            budget=budget,
-            after=lambda fn, row=row: record_peak(fn, row),
-        )
+    timings = harness.check_then_time_modes(
+        rows,
+        lambda: provider.build(causal),
+        parity=lambda fwd: parity(fwd, provider, *tensors, causal, modes),
+        tol=PARITY_TOL[DTYPES[dtype_name]],
+        make_call=lambda fwd, mode: timed_call(fwd, *tensors, mode),
+        budget=budget,
+        after=record_peak,
+    )
+    for row, measured in zip(rows, timings, strict=True):
         if row["parity"] is None and row["status"] == "ok":
             row["note"] = f"{provider.note}; backward parity checked up to {PARITY_BWD_MAX_TOKENS} tokens only"
         if measured is not None:

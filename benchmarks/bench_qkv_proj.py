@@ -246,28 +246,15 @@ def _run_provider(provider: peers.Provider, family: Family, n_tokens: int, dtype
                   budget: timing.Budget, ceiling_tflops: float | None) -> list[dict[str, Any]]:
     """Check and time one provider in every mode on ``inputs`` (x, weight, upstream gradients)."""
     rows = [_row(family, provider, mode, dtype_name, n_tokens, ceiling_tflops) for mode in modes]
-    try:
-        fwd = provider.build(family)
-    except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
-        for row in rows:
-            row.update(status="error", note=harness.short_error(exc))
-        return rows
-    errors: dict[str, float] = {}
-
-    def check(mode: str) -> float:
-        if not errors:  # one forward and backward gives the errors of every mode
-            errors.update(parity(fwd, *inputs, ref))
-        return errors[mode]
-
-    for row in rows:
-        mode = row["mode"]
-        measured = harness.check_then_time(
-            row,
-            check=(lambda mode=mode: check(mode)) if provider.rotates else None,
-            tol=PARITY_TOL[DTYPES[dtype_name]],
-            make_call=lambda mode=mode: timed_call(fwd, *inputs, mode),
-            budget=budget,
-        )
+    timings = harness.check_then_time_modes(
+        rows,
+        lambda: provider.build(family),
+        parity=(lambda fwd: parity(fwd, *inputs, ref)) if provider.rotates else None,
+        tol=PARITY_TOL[DTYPES[dtype_name]],
+        make_call=lambda fwd, mode: timed_call(fwd, *inputs, mode),
+        budget=budget,
+    )
+    for row, measured in zip(rows, timings, strict=True):
         if measured is not None:
             row["tflops"] = row["flops"] / (measured.median_ms * 1e-3) / 1e12
     return rows
