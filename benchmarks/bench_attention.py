@@ -169,14 +169,8 @@ CPU_DEFAULT_PROVIDERS = ["pi_kernels", "pi_kernels-norope", "rotary_interp+pi_ke
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = cli.bench_parser(
-        "benchmarks.bench_attention",
-        __doc__,
-        providers=list(PROVIDERS),
-        families=[f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)],
-        dtypes=list(DTYPES),
-        dtype_default=("bf16",),
-    )
+    parser = cli.bench_parser("benchmarks.bench_attention", __doc__, providers=PROVIDERS,
+                              families=(*GPU_FAMILIES, *CPU_FAMILIES), dtypes=DTYPES, dtype_default=("bf16",))
     parser.add_argument("--causal", type=cli.csv_choices(["true", "false"]),
                         help="true,false on a GPU; true without one")
     return parser.parse_args(argv)
@@ -400,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dtype_name in args.dtypes:
         for family in run.families:
             for causal in causal_values:
-                seqs = args.tokens or (family.quick_seqs if args.quick else family.seqs)
+                seqs = cli.sweep(args, family.seqs, family.quick_seqs)
                 group = run_group(family, seqs, dtype_name, causal, args.modes, providers, device=run.device,
                                   budget=run.budget, on_gpu=run.on_gpu)
                 rows.extend(group)

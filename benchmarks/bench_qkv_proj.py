@@ -142,14 +142,8 @@ PROVIDERS = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = cli.bench_parser(
-        "benchmarks.bench_qkv_proj",
-        __doc__,
-        providers=list(PROVIDERS),
-        families=[f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)],
-        dtypes=list(DTYPES),
-        dtype_default=("bf16",),
-    )
+    parser = cli.bench_parser("benchmarks.bench_qkv_proj", __doc__, providers=PROVIDERS,
+                              families=(*GPU_FAMILIES, *CPU_FAMILIES), dtypes=DTYPES, dtype_default=("bf16",))
     return parser.parse_args(argv)
 
 
@@ -313,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for dtype_name in args.dtypes:
         for family in run.families:
-            tokens = args.tokens or (family.quick_tokens if args.quick else family.tokens)
+            tokens = cli.sweep(args, family.tokens, family.quick_tokens)
             group = run_group(family, tokens, dtype_name, args.modes, providers, device=run.device,
                               budget=run.budget, ceiling_tflops=ceiling, on_gpu=run.on_gpu)
             rows.extend(group)
