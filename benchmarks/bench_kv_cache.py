@@ -72,11 +72,10 @@ CPU_CASES = (
     CacheCase("tiny-decode", 4, 1, 4, 2, 64, 64, False),
     CacheCase("tiny-prefill-paged", 1, 37, 4, 2, 64, 64, True),
 )
+# Which cell: a case has one mode (fwd), so the table has no mode column.
+CASE_COLUMNS = (("family", "case"), ("tokens", "tokens", "d"), ("dtype", "dtype"), ("provider", "provider"))
 TABLE_COLUMNS = (
-    ("family", "case"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("provider", "provider"),
+    *CASE_COLUMNS,
     *report.TIMING_COLUMNS,
     ("gbs", "GB/s", ".1f"),
     ("frac_ceiling", "/copy", ".2f"),
@@ -84,10 +83,7 @@ TABLE_COLUMNS = (
     *report.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
-    ("family", "case"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("provider", "provider"),
+    *CASE_COLUMNS,
     ("median_ms", "median ms", ".4f"),
     ("gbs", "GB/s", ".0f"),
     ("frac_ceiling", "/copy", ".2f"),

@@ -274,11 +274,7 @@ TABLE_COLUMNS = (
     *report.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
-    ("family", "family"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("mode", "mode"),
-    ("provider", "provider"),
+    *report.CELL_COLUMNS,
     ("median_ms", "median ms", ".3f"),
     ("tflops", "TFLOP/s", ".0f"),
     ("vs_matmul", "time / bare GEMM", ".3f"),
