@@ -37,16 +37,16 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
     import peers
     import report
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "attention_rotary"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = {name: cli.DTYPES[name] for name in ("bf16", "fp16")}
 FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # backward: five GEMMs to the forward's two
 # Relative-norm error against float64: a few times an attention's own rounding in the dtype (eager bf16 attention
@@ -169,14 +169,8 @@ CPU_DEFAULT_PROVIDERS = ["pi_kernels", "pi_kernels-norope", "rotary_interp+pi_ke
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = cli.bench_parser(
-        "benchmarks.bench_attention",
-        __doc__,
-        providers=list(PROVIDERS),
-        families=[f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)],
-        dtypes=list(DTYPES),
-        dtype_default=("bf16",),
-    )
+    parser = cli.bench_parser("benchmarks.bench_attention", __doc__, providers=PROVIDERS,
+                              families=(*GPU_FAMILIES, *CPU_FAMILIES), dtypes=DTYPES, dtype_default=("bf16",))
     parser.add_argument("--causal", type=cli.csv_choices(["true", "false"]),
                         help="true,false on a GPU; true without one")
     return parser.parse_args(argv)
@@ -257,33 +251,21 @@ def _run_provider(provider: peers.Provider, family: Family, seq: int, dtype_name
                   budget: timing.Budget) -> list[dict[str, Any]]:
     """Check and time one provider in every mode on ``tensors`` (q, k, v, upstream gradient)."""
     rows = [_row(family, provider, mode, dtype_name, seq, causal) for mode in modes]
-    try:
-        fwd = provider.build(causal)
-    except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
-        for row in rows:
-            row.update(status="error", note=harness.short_error(exc))
-        return rows
-    errors: dict[str, float | None] = {}
-
-    def check(mode: str) -> float | None:
-        if not errors:  # one forward (and backward) gives the errors of every mode
-            errors.update(parity(fwd, provider, *tensors, causal, modes))
-        return errors[mode]
 
     def record_peak(fn: Callable[[], Any], row: dict[str, Any]) -> None:
         if row["mode"] == "fwd+bwd":
             row["peak_mib"] = peak_memory_mib(fn, device)
 
-    for row in rows:
-        mode = row["mode"]
-        measured = harness.check_then_time(
-            row,
-            check=lambda mode=mode: check(mode),
-            tol=PARITY_TOL[DTYPES[dtype_name]],
-            make_call=lambda mode=mode: timed_call(fwd, *tensors, mode),
-            budget=budget,
-            after=lambda fn, row=row: record_peak(fn, row),
-        )
+    timings = harness.check_then_time_modes(
+        rows,
+        lambda: provider.build(causal),
+        parity=lambda fwd: parity(fwd, provider, *tensors, causal, modes),
+        tol=PARITY_TOL[DTYPES[dtype_name]],
+        make_call=lambda fwd, mode: timed_call(fwd, *tensors, mode),
+        budget=budget,
+        after=record_peak,
+    )
+    for row, measured in zip(rows, timings, strict=True):
         if row["parity"] is None and row["status"] == "ok":
             row["note"] = f"{provider.note}; backward parity checked up to {PARITY_BWD_MAX_TOKENS} tokens only"
         if measured is not None:
@@ -412,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dtype_name in args.dtypes:
         for family in run.families:
             for causal in causal_values:
-                seqs = args.tokens or (family.quick_seqs if args.quick else family.seqs)
+                seqs = cli.sweep(args, family.seqs, family.quick_seqs)
                 group = run_group(family, seqs, dtype_name, causal, args.modes, providers, device=run.device,
                                   budget=run.budget, on_gpu=run.on_gpu)
                 rows.extend(group)

@@ -30,16 +30,16 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
     import peers
     import report
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "rotary_kv_cache_append"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = cli.DTYPES
 # As in bench_rotary: well above a correct op's rounding in each dtype, far below the error of wrong math.
 PARITY_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -72,11 +72,10 @@ CPU_CASES = (
     CacheCase("tiny-decode", 4, 1, 4, 2, 64, 64, False),
     CacheCase("tiny-prefill-paged", 1, 37, 4, 2, 64, 64, True),
 )
+# Which cell: a case has one mode (fwd), so the table has no mode column.
+CASE_COLUMNS = (("family", "case"), ("tokens", "tokens", "d"), ("dtype", "dtype"), ("provider", "provider"))
 TABLE_COLUMNS = (
-    ("family", "case"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("provider", "provider"),
+    *CASE_COLUMNS,
     *report.TIMING_COLUMNS,
     ("gbs", "GB/s", ".1f"),
     ("frac_ceiling", "/copy", ".2f"),
@@ -84,10 +83,7 @@ TABLE_COLUMNS = (
     *report.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
-    ("family", "case"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("provider", "provider"),
+    *CASE_COLUMNS,
     ("median_ms", "median ms", ".4f"),
     ("gbs", "GB/s", ".0f"),
     ("frac_ceiling", "/copy", ".2f"),
@@ -101,8 +97,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "benchmarks.bench_kv_cache",
         __doc__,
         providers=None,
-        families=[c.name for c in (*GPU_CASES, *CPU_CASES)],
-        dtypes=list(DTYPES),
+        families=(*GPU_CASES, *CPU_CASES),
+        dtypes=DTYPES,
         dtype_default=("bf16",),
         modes=None,
         sizes=False,

@@ -33,16 +33,16 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
     import peers
     import report
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "qkv_proj_rotary"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = {name: cli.DTYPES[name] for name in ("bf16", "fp16")}
 # Relative-norm error against float64: a few units of the dtype's rounding for a correct op (K-long fp32
 # accumulations included), far below the O(1) error of a wrong rotation, split or scaling.
@@ -142,14 +142,8 @@ PROVIDERS = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = cli.bench_parser(
-        "benchmarks.bench_qkv_proj",
-        __doc__,
-        providers=list(PROVIDERS),
-        families=[f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)],
-        dtypes=list(DTYPES),
-        dtype_default=("bf16",),
-    )
+    parser = cli.bench_parser("benchmarks.bench_qkv_proj", __doc__, providers=PROVIDERS,
+                              families=(*GPU_FAMILIES, *CPU_FAMILIES), dtypes=DTYPES, dtype_default=("bf16",))
     return parser.parse_args(argv)
 
 
@@ -246,28 +240,15 @@ def _run_provider(provider: peers.Provider, family: Family, n_tokens: int, dtype
                   budget: timing.Budget, ceiling_tflops: float | None) -> list[dict[str, Any]]:
     """Check and time one provider in every mode on ``inputs`` (x, weight, upstream gradients)."""
     rows = [_row(family, provider, mode, dtype_name, n_tokens, ceiling_tflops) for mode in modes]
-    try:
-        fwd = provider.build(family)
-    except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
-        for row in rows:
-            row.update(status="error", note=harness.short_error(exc))
-        return rows
-    errors: dict[str, float] = {}
-
-    def check(mode: str) -> float:
-        if not errors:  # one forward and backward gives the errors of every mode
-            errors.update(parity(fwd, *inputs, ref))
-        return errors[mode]
-
-    for row in rows:
-        mode = row["mode"]
-        measured = harness.check_then_time(
-            row,
-            check=(lambda mode=mode: check(mode)) if provider.rotates else None,
-            tol=PARITY_TOL[DTYPES[dtype_name]],
-            make_call=lambda mode=mode: timed_call(fwd, *inputs, mode),
-            budget=budget,
-        )
+    timings = harness.check_then_time_modes(
+        rows,
+        lambda: provider.build(family),
+        parity=(lambda fwd: parity(fwd, *inputs, ref)) if provider.rotates else None,
+        tol=PARITY_TOL[DTYPES[dtype_name]],
+        make_call=lambda fwd, mode: timed_call(fwd, *inputs, mode),
+        budget=budget,
+    )
+    for row, measured in zip(rows, timings, strict=True):
         if measured is not None:
             row["tflops"] = row["flops"] / (measured.median_ms * 1e-3) / 1e12
     return rows
@@ -293,11 +274,7 @@ TABLE_COLUMNS = (
     *report.CHECK_COLUMNS,
 )
 SUMMARY_COLUMNS = (
-    ("family", "family"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("mode", "mode"),
-    ("provider", "provider"),
+    *report.CELL_COLUMNS,
     ("median_ms", "median ms", ".3f"),
     ("tflops", "TFLOP/s", ".0f"),
     ("vs_matmul", "time / bare GEMM", ".3f"),
@@ -326,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for dtype_name in args.dtypes:
         for family in run.families:
-            tokens = args.tokens or (family.quick_tokens if args.quick else family.tokens)
+            tokens = cli.sweep(args, family.tokens, family.quick_tokens)
             group = run_group(family, tokens, dtype_name, args.modes, providers, device=run.device,
                               budget=run.budget, ceiling_tflops=ceiling, on_gpu=run.on_gpu)
             rows.extend(group)

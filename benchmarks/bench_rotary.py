@@ -27,6 +27,7 @@ import torch
 
 try:
     from benchmarks import cli, harness, peers, report, results_io, timing
+    from benchmarks.harness import BASE, SCALING_FACTOR
 except ImportError:  # run as a script: this folder, not the repository root, is on sys.path
     import cli
     import harness
@@ -34,10 +35,9 @@ except ImportError:  # run as a script: this folder, not the repository root, is
     import report
     import results_io
     import timing
+    from harness import BASE, SCALING_FACTOR
 
 OP = "rotary_interp"
-SCALING_FACTOR = 4.0
-BASE = 10000.0
 DTYPES = cli.DTYPES  # bf16, fp16, fp32
 # Well above the rounding noise of a correct implementation in each dtype (a few units of its last place),
 # far below the O(1) error of wrong math (wrong pairing, layout or scaling).
@@ -221,14 +221,8 @@ CPU_COMPILED_SKIP = "not run on CPU by default: inductor's C++ compile takes 30-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    parser = cli.bench_parser(
-        "benchmarks.bench_rotary",
-        __doc__,
-        providers=list(PROVIDERS),
-        families=[f.name for f in (*GPU_FAMILIES, *CPU_FAMILIES)],
-        dtypes=list(DTYPES),
-        dtype_default=("bf16", "fp32"),
-    )
+    parser = cli.bench_parser("benchmarks.bench_rotary", __doc__, providers=PROVIDERS,
+                              families=(*GPU_FAMILIES, *CPU_FAMILIES), dtypes=DTYPES, dtype_default=("bf16", "fp32"))
     return parser.parse_args(argv)
 
 
@@ -511,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for dtype_name in args.dtypes:
         for family in run.families:
-            tokens = args.tokens or (family.quick_tokens if args.quick else family.tokens)
+            tokens = cli.sweep(args, family.tokens, family.quick_tokens)
             group = run_group(
                 family,
                 tokens,

@@ -1,9 +1,11 @@
-"""The command line every benchmark script takes (:func:`bench_parser`) and its argparse types."""
+"""The command line every benchmark script takes (:func:`bench_parser`), its argparse types, and the sizes it selects
+(:func:`sweep`)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
@@ -40,9 +42,9 @@ def bench_parser(
     module: str,
     doc: str,
     *,
-    providers: Sequence[str] | None,
-    families: Sequence[str],
-    dtypes: Sequence[str],
+    providers: Collection[str] | None,
+    families: Sequence[Any],
+    dtypes: Collection[str],
     dtype_default: Sequence[str] | None,
     modes: Sequence[str] | None = MODES,
     sizes: bool = True,
@@ -55,9 +57,11 @@ def bench_parser(
         The script's module, e.g. ``"benchmarks.bench_rotary"`` (the usage line).
     doc : str
         The script's docstring; its first line is the description.
-    providers, families, dtypes, modes : sequence of str
-        The names ``--providers``, ``--families``, ``--dtypes`` and ``--modes`` accept (``providers`` or ``modes``
-        None: the script has no such choice, and no option).
+    providers, dtypes, modes : collection of str
+        The names ``--providers``, ``--dtypes`` and ``--modes`` accept, e.g. the keys of the script's ``PROVIDERS``
+        and ``DTYPES`` (``providers`` or ``modes`` None: the script has no such choice, and no option).
+    families : sequence
+        The script's shape families, GPU and CPU; ``--families`` accepts their ``name``.
     dtype_default : sequence of str or None
         ``--dtypes`` when not given (None: the script decides).
     sizes : bool, optional
@@ -86,7 +90,15 @@ def bench_parser(
         default=None if dtype_default is None else list(dtype_default),
         help=f"subset of {','.join(dtypes)}" + (f" (default {','.join(dtype_default)})" if dtype_default else ""),
     )
-    parser.add_argument("--families", type=csv_choices(list(families)), help="shape families (default: all here)")
+    parser.add_argument(
+        "--families", type=csv_choices([f.name for f in families]), help="shape families (default: all here)"
+    )
     if sizes:
         parser.add_argument("--tokens", type=positive_ints, help="sizes replacing each family's sweep, e.g. 4096,16384")
     return parser
+
+
+def sweep(args: argparse.Namespace, full: Sequence[int], quick: Sequence[int]) -> Sequence[int]:
+    """The sizes a shape family runs: ``--tokens`` when given, else its ``quick`` sweep under ``--quick``, else
+    its ``full`` one."""
+    return args.tokens or (quick if args.quick else full)

@@ -2,7 +2,8 @@
 
 Every benchmark script (``bench_rotary``, ``bench_kv_cache``, ``bench_qkv_proj``, ``bench_attention``) runs the same
 way: the command line of :mod:`benchmarks.cli`, then :func:`start_run` (device, interpreter, budget, shape families,
-environment header); :func:`check_then_time` is the step of every cell (parity, then :func:`timing.measure`);
+environment header); :func:`check_then_time` is the step of every cell (parity, then :func:`timing.measure`), and
+:func:`check_then_time_modes` that step for one provider in every mode;
 :func:`report_group` appends a group's rows as soon as it is measured (:func:`save_rows`) and prints its table;
 :func:`finish_run` writes the run's JSON, plot and summary table. The pieces live by concern:
 
@@ -38,6 +39,9 @@ except ImportError:  # run as a script: this folder, not the repository root, is
     import results_io
     import timing
 
+# The RoPE every benchmark runs, so that their results compare: Position Interpolation by 4 over Llama's base.
+SCALING_FACTOR = 4.0
+BASE = 10000.0
 NO_GPU_LINE = "No GPU: running a quick check under Triton's interpreter (timings are NOT GPU performance)"
 # Plain-PyTorch code timed on CPU runs on one thread, so that a run on a shared machine compares like with like.
 CPU_THREADS = 1
@@ -223,6 +227,70 @@ def check_then_time(
         return None
     row.update(median_ms=measured.median_ms, p20_ms=measured.p20_ms, p80_ms=measured.p80_ms)
     return measured
+
+
+def check_then_time_modes(
+    rows: Sequence[dict[str, Any]],
+    build: Callable[[], Any],
+    *,
+    parity: Callable[[Any], Mapping[str, float | None]] | None,
+    tol: float,
+    make_call: Callable[[Any, str], tuple[Callable[[], Any], Sequence[torch.Tensor] | None]],
+    budget: timing.Budget,
+    after: Callable[[Callable[[], Any], dict[str, Any]], None] | None = None,
+) -> list[timing.Timing | None]:
+    """Build one provider, then :func:`check_then_time` it in the mode of each of its rows.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        The provider's results rows, one per mode (``row["mode"]``); a failure to build marks every one
+        ``"error"`` (a result to report, never an exception).
+    build : callable
+        Returns the provider's callable, ``fn``.
+    parity : callable or None
+        ``parity(fn)`` maps every mode to its relative error (None: not checked at this size), called once, at the
+        first row's check: one forward and backward give every mode's error. None: no check (a baseline that
+        computes another function).
+    tol : float
+        Largest relative error that passes.
+    make_call : callable
+        ``make_call(fn, mode)`` returns the callable to time and the tensors whose grads are reset between
+        repetitions.
+    budget : timing.Budget
+        Passed to :func:`measure`.
+    after : callable, optional
+        ``after(timed_callable, row)``, called after timing each row (see :func:`check_then_time`).
+
+    Returns
+    -------
+    list of timing.Timing or None
+        Each row's timing, None where it was not timed.
+    """
+    try:
+        fn = build()
+    except Exception as exc:  # noqa: BLE001 - a provider's failure is a result to report
+        for row in rows:
+            row.update(status="error", note=short_error(exc))
+        return [None] * len(rows)
+    errors: dict[str, float | None] = {}
+
+    def check(mode: str) -> float | None:
+        if not errors:
+            errors.update(parity(fn))
+        return errors[mode]
+
+    return [
+        check_then_time(
+            row,
+            check=None if parity is None else lambda mode=row["mode"]: check(mode),
+            tol=tol,
+            make_call=lambda mode=row["mode"]: make_call(fn, mode),
+            budget=budget,
+            after=None if after is None else lambda timed, row=row: after(timed, row),
+        )
+        for row in rows
+    ]
 
 
 def save_rows(run: BenchRun, rows: Sequence[Mapping[str, Any]]) -> None:
