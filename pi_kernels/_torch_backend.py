@@ -280,6 +280,14 @@ def _attend_backward(grad_out, q, k, v, out, lse, core):
     return _ungrouped(dq), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _like(x, value):
+    """``value`` in a tensor laid out as ``torch.empty_like(x)``: the strides the ops' fakes promise (the chunked
+    float32 computation leaves heads and tokens permuted)."""
+    out = torch.empty_like(x)
+    out.copy_(value)
+    return out
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core):
     """The torch counterpart of the attention core's forward (``ops.attention.attention_forward``) on rotated q
     and k: out (like q) and the float32 natural-log lse, (batch, heads, seq_q), or (heads, total_q) packed; -inf
@@ -287,7 +295,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, core):
     qf, kf, vf = (x.to(torch.float32) for x in (q, k, v))
     if cu_seqlens_q is None:
         out, lse = _attend(qf, kf, vf, core)
-        return out.to(q.dtype), lse
+        return _like(q, out), lse
     out = torch.empty_like(q)
     lse = qf.new_empty(q.shape[1], q.shape[0])
     for q_rows, k_rows in _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -301,7 +309,7 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     tensors = [x.to(torch.float32) for x in (grad_out, q, k, v, out)]
     if cu_seqlens_q is None:
         grads = _attend_backward(*tensors, lse, core)
-        return tuple(grad.to(x.dtype) for grad, x in zip(grads, (q, k, v), strict=True))
+        return tuple(_like(x, grad) for grad, x in zip(grads, (q, k, v), strict=True))
     grad_f, qf, kf, vf, out_f = tensors
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for q_rows, k_rows in _sequences(cu_seqlens_q, cu_seqlens_k):

@@ -24,7 +24,7 @@ import math
 import torch
 
 from .._positions import PositionSpec
-from .._validation import check_frequencies
+from .._validation import check_frequencies, check_rotary_dim
 from ..scaling import rope_inv_freq
 
 __all__ = ["Rope", "record_op"]
@@ -65,6 +65,14 @@ class Rope:
     interleaved: bool
     conjugate: bool = False
 
+    @classmethod
+    def resolve(cls, positions, head_dim, *, scaling_factor, base, inv_freq, rotary_dim, interleaved):
+        """The record of a public op's rope arguments (as :func:`pi_kernels.rotary_interp` takes them), checked;
+        ``positions`` resolved, ``rotary_dim`` None meaning all of ``head_dim``."""
+        rotary_dim = check_rotary_dim(rotary_dim, head_dim)
+        check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
+        return cls(positions, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+
     def reversed(self):
         """The same rotation in the other direction (its transpose)."""
         return dataclasses.replace(self, conjugate=not self.conjugate)
@@ -94,18 +102,12 @@ class Rope:
         return table
 
 
-def _leaves(name, kind):
-    """(argument name, annotation) of every leaf of a parameter: a record's fields, recursively, or the parameter."""
+def _leaves(kind):
+    """(attribute path, annotation) of every leaf of a parameter annotated ``kind``: a record's fields, recursively,
+    in field order; ``((), kind)`` for anything else."""
     if not dataclasses.is_dataclass(kind):
-        return [(name, kind)]
-    return [leaf for field in dataclasses.fields(kind) for leaf in _leaves(f"{name}_{field.name}", field.type)]
-
-
-def _paths(kind):
-    """Attribute paths from a parameter's value to each of its leaves, in :func:`_leaves`'s order."""
-    if not dataclasses.is_dataclass(kind):
-        return [()]
-    return [(field.name, *path) for field in dataclasses.fields(kind) for path in _paths(field.type)]
+        return [((), kind)]
+    return [((field.name, *path), leaf) for field in dataclasses.fields(kind) for path, leaf in _leaves(field.type)]
 
 
 def _gather(kind, leaves):
@@ -121,7 +123,7 @@ class RecordOp:
     def __init__(self, op, kinds):
         self._op = op
         self._kinds = kinds
-        self._paths = [_paths(kind) for kind in kinds]
+        self._paths = [[path for path, _ in _leaves(kind)] for kind in kinds]
 
     def _flatten(self, args):
         leaves = []
@@ -157,9 +159,10 @@ def record_op(name, *, mutates_args=()):
     def define(fn):
         signature = inspect.signature(fn)
         kinds = [parameter.annotation for parameter in signature.parameters.values()]
-        flat = [inspect.Parameter(leaf, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind)
+        flat = [inspect.Parameter("_".join((parameter, *path)), inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                  annotation=leaf)
                 for parameter, kind in zip(signature.parameters, kinds, strict=True)
-                for leaf, kind in _leaves(parameter, kind)]
+                for path, leaf in _leaves(kind)]
 
         def prototype(*leaves):
             return None

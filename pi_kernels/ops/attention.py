@@ -612,8 +612,6 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
         raise ValueError("cu_seqlens_k, max_seqlen_q and max_seqlen_k are only valid with cu_seqlens_q (packed "
                          "sequences)")
     n_heads, n_kv_heads, head_dim = _check_tensors(q, k, v, varlen)
-    rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
-    validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
     if varlen:
         cu_seqlens_k, max_seqlen_k, q_spec = _resolve_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -628,7 +626,8 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
     if positions is None:
         q_spec = _queries_at_the_end(q, k, q_spec, k_arange)
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
-    q_rope = Rope(q_spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    q_rope = Rope.resolve(q_spec, head_dim, scaling_factor=scaling_factor, base=base, inv_freq=inv_freq,
+                          rotary_dim=rotary_dim, interleaved=interleaved)
     rotation = Rotation(q_rope, dataclasses.replace(q_rope, positions=k_spec), bool(rotate_q), bool(rotate_k),
                         positions is not None)
     core = CoreArgs(max_seqlen_q, max_seqlen_k, bool(causal), softmax_scale)

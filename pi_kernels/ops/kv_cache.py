@@ -330,14 +330,13 @@ def rotary_kv_cache_append(q, k, v, k_cache, v_cache, cache_seqlens, *, position
         raise ValueError(f"k_cache and v_cache must have shape (batch, max_len, n_kv_heads, head_dim) = "
                          f"({batch}, max_len, {n_kv_heads}, {head_dim}), got {tuple(k_cache.shape)}")
     _check_index(cache_seqlens, "cache_seqlens", batch, q.device)
-    rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
-    validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     if positions is None:
         spec = PositionSpec(POSITIONS_OFFSETS, cache_seqlens)
     else:
         spec = validation.resolve_positions(positions, batch, new, q.device)
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
-    rope = Rope(spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    rope = Rope.resolve(spec, head_dim, scaling_factor=scaling_factor, base=base, inv_freq=inv_freq,
+                        rotary_dim=rotary_dim, interleaved=interleaved)
     return _append(q, k, v, k_cache, v_cache, cache_seqlens, rope, False, "nhd", backend)
 
 
@@ -395,11 +394,9 @@ def rotary_paged_kv_cache_append(q, k, v, k_cache, v_cache, slot_mapping, positi
                          f"head_dim={head_dim} for kv_layout={kv_layout!r}, got {tuple(k_cache.shape)}")
     _check_index(slot_mapping, "slot_mapping", num_tokens, q.device)
     _check_index(positions, "positions", num_tokens, q.device)
-    rotary_dim = validation.check_rotary_dim(rotary_dim, head_dim)
-    validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
-    rope = Rope(PositionSpec(POSITIONS_IDS, positions), inv_freq, float(base), float(scaling_factor), rotary_dim,
-                bool(interleaved))
+    rope = Rope.resolve(PositionSpec(POSITIONS_IDS, positions), head_dim, scaling_factor=scaling_factor, base=base,
+                        inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved)
     return _append(q, k, v, k_cache, v_cache, slot_mapping, rope, True, kv_layout, backend)
 
 

@@ -612,8 +612,6 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
     ...                                   num_kv_heads=8, head_dim=128, scaling_factor=4.0)
     """
     weights, biases = _check_projection(x, weight, bias, num_heads, num_kv_heads, head_dim)
-    rotary_dim = v.check_rotary_dim(rotary_dim, head_dim)
-    v.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     if x.dim() == 2:
         if cu_seqlens is None:
             raise ValueError("x of shape (tokens, hidden) is packed input and requires cu_seqlens; pass x[None] for "
@@ -627,7 +625,8 @@ def qkv_proj_rotary(x, weight, bias=None, *, num_heads, num_kv_heads, head_dim, 
     backend = _backend.resolve_backend(backend, x.device, LAUNCHERS)
     padding = [None] * (3 - len(weights))
     bias_args = biases + [None] * (3 - len(biases))
-    rope = Rope(spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    rope = Rope.resolve(spec, head_dim, scaling_factor=scaling_factor, base=base, inv_freq=inv_freq,
+                        rotary_dim=rotary_dim, interleaved=interleaved)
     return QKVProjRotaryFunction.apply(x, *weights, *padding, *bias_args, rope,
                                        Heads(num_heads, num_kv_heads, head_dim), backend)
 

@@ -210,7 +210,7 @@ def _rotary_inplace_op_fake(q, k, *args):
     return None
 
 
-def rotary_forward(q, k, rope, max_seqlen, layout, inplace, backend="triton"):
+def rotary_forward(q, k, rope, max_seqlen, layout, inplace, backend):
     """Rotate q and k by ``rope`` (a :class:`Rope`, resolved and checked); returns (q_out, k_out).
 
     ``backend`` is a resolved one, "triton", "cuda" or "torch" (see ``_backend.resolve_backend``).
@@ -312,8 +312,6 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     >>> q, k = pi_kernels.rotary_interp(q, k, scaling_factor=4.0, base=500000.0)
     """
     q4, k4 = v.check_qk(q, k, layout)
-    rotary_dim = v.check_rotary_dim(rotary_dim, q4.shape[3])
-    v.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     if layout == "thd":
         spec = v.resolve_varlen_positions(positions, cu_seqlens, max_seqlen, q4.shape[1], q.device)
     else:
@@ -323,7 +321,8 @@ def rotary_interp(q, k, positions=None, *, scaling_factor=1.0, base=10000.0, inv
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
     if inplace:
         v.check_no_overlap((("q", q), ("k", k)))
-    rope = Rope(spec, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
+    rope = Rope.resolve(spec, q4.shape[3], scaling_factor=scaling_factor, base=base, inv_freq=inv_freq,
+                        rotary_dim=rotary_dim, interleaved=interleaved)
     if not inplace:
         return RotaryInterpFunction.apply(q, k, rope, max_seqlen, layout, False, backend)
     return _rotate_in_place(q, k, rope, max_seqlen, layout, backend)

@@ -353,9 +353,7 @@ def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None
     >>> rotary_embedding_interp(positions, query, key, 128, scaling_factor=4.0, base=500000.0)
     """
     _check_vllm_inputs(positions, query, key, head_size)
-    rotary_dim = validation.check_rotary_dim(rotary_dim, head_size)
-    validation.check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
     backend = _backend.resolve_backend(backend, query.device, LAUNCHERS)
-    rope = Rope(PositionSpec(POSITIONS_IDS, positions), inv_freq, float(base), float(scaling_factor), rotary_dim,
-                not is_neox)
+    rope = Rope.resolve(PositionSpec(POSITIONS_IDS, positions), head_size, scaling_factor=scaling_factor, base=base,
+                        inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=not is_neox)
     _rotate(query, key, int(head_size), rope, None, backend)
