@@ -25,6 +25,17 @@ _TWO_PI_LO = tl.constexpr(TWO_PI_LO)
 
 
 @triton.jit
+def program_tokens(n_token_blocks, seq_len, BLOCK_T: tl.constexpr):
+    """(head group, int64 batch row, token indices, their mask) of this program in a (batch · token blocks, head
+    groups) grid of BLOCK_T tokens per program: the grid of the rotary, rotary_embedding and cache-append kernels."""
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    batch_idx = (pid // n_token_blocks).to(tl.int64)
+    tokens = (pid % n_token_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return group, batch_idx, tokens, tokens < seq_len
+
+
+@triton.jit
 def token_positions(pos_ptr, cu_seqlens_ptr, batch_idx, tokens, token_mask, pos_offset, n_seqs, stride_pb,
                     stride_ps, POS_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr):
     """int64 positions of ``tokens`` (a block of token indices; of batch row ``batch_idx``, a scalar or a block).

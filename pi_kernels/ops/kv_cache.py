@@ -19,7 +19,7 @@ import triton.language as tl
 from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
 from .._positions import POSITIONS_IDS, POSITIONS_OFFSETS, PositionSpec, position_pointer_and_strides
-from ._rope import rope_cos_sin, token_positions
+from ._rope import program_tokens, rope_cos_sin, token_positions
 from ._schema import Rope, record_op
 from .rotary import LAUNCHERS as ROTARY_LAUNCHERS
 from .rotary_embedding import block_sizes, rotate_rows
@@ -74,11 +74,7 @@ def _rotary_cache_append_kernel(
 ):
     # Grid: (batch · token blocks, q head groups + kv head groups). A q program rotates q into q_out; a kv program
     # rotates k into k_cache and copies v into v_cache for the same heads and tokens.
-    pid = tl.program_id(0)
-    group = tl.program_id(1)
-    batch_idx = (pid // n_token_blocks).to(tl.int64)
-    tokens = (pid % n_token_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_mask = tokens < seq_len
+    group, batch_idx, tokens, token_mask = program_tokens(n_token_blocks, seq_len, BLOCK_T)
     tokens64 = tokens.to(tl.int64)
     pos = token_positions(pos_ptr, pos_ptr, batch_idx, tokens, token_mask, pos_offset, 1, stride_pb, stride_ps,
                           POS_MODE, False, 0)

@@ -17,7 +17,7 @@ import triton.language as tl
 from .. import _backend, _cuda, _torch_backend
 from .. import _validation as v
 from .._positions import position_pointer_and_strides
-from ._rope import rope_cos_sin, token_positions, varlen_search
+from ._rope import program_tokens, rope_cos_sin, token_positions, varlen_search
 from ._schema import Rope, record_op
 
 __all__ = ["LAUNCHERS", "RotaryInterp", "RotaryInterpFunction", "launch_rotary_kernel", "rotary_forward",
@@ -108,11 +108,7 @@ def _rotary_kernel(
     # Grid: (batch · token blocks, head groups). One program rotates BLOCK_T tokens × (Q_HEADS heads of q and
     # K_HEADS heads of k), computing the angles of its tokens once for all of them: with one group (the default when
     # that fills the GPU), once per (token, pair) for the whole of q and k.
-    pid = tl.program_id(0)
-    group = tl.program_id(1)
-    batch_idx = (pid // n_token_blocks).to(tl.int64)
-    tokens = (pid % n_token_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_mask = tokens < seq_len
+    group, batch_idx, tokens, token_mask = program_tokens(n_token_blocks, seq_len, BLOCK_T)
 
     pos = token_positions(pos_ptr, cu_seqlens_ptr, batch_idx, tokens, token_mask, pos_offset, n_seqs,
                           stride_pb, stride_ps, POS_MODE, IS_VARLEN, SEARCH_STEPS)

@@ -20,7 +20,7 @@ import triton.language as tl
 from .. import _backend, _cuda, _torch_backend
 from .. import _validation as validation
 from .._positions import POSITIONS_IDS, PositionSpec, position_pointer_and_strides
-from ._rope import rope_cos_sin, token_positions
+from ._rope import program_tokens, rope_cos_sin, token_positions
 from ._schema import Rope, record_op
 
 __all__ = ["LAUNCHERS", "RotaryEmbeddingFunction", "launch_rotary_embedding", "rotary_embedding",
@@ -93,11 +93,7 @@ def _rotary_embedding_kernel(
     COS_SIN_FROM_CACHE: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     # Grid: (batch · token blocks, q head groups + k head groups); cos/sin once per program, reused by its heads.
-    pid = tl.program_id(0)
-    group = tl.program_id(1)
-    batch_idx = (pid // n_token_blocks).to(tl.int64)
-    tokens = (pid % n_token_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_mask = tokens < seq_len
+    group, batch_idx, tokens, token_mask = program_tokens(n_token_blocks, seq_len, BLOCK_T)
     pos = token_positions(pos_ptr, pos_ptr, batch_idx, tokens, token_mask, 0, 1, stride_pb, stride_ps,
                           2, False, 0)
     if COS_SIN_FROM_CACHE:
@@ -346,7 +342,7 @@ def rotary_embedding_interp(positions, query, key, head_size, *, rotary_dim=None
     Returns
     -------
     None
-        query and key are modified in place.
+        As :func:`rotary_embedding`: query and key are rotated in place.
 
     Examples
     --------
