@@ -150,3 +150,27 @@ def test_every_op_passes_opcheck():
         failures = {test: result for test, result in torch.library.opcheck(op._op, op._flatten(args)).items()
                     if result != "SUCCESS"}
         assert not failures, f"{label}: {failures}"
+
+
+@pytest.mark.parametrize("op", ["rotary_interp", "qkv_proj_rotary", "attention_rotary", "rotary_embedding_interp"])
+def test_positions_modified_before_the_backward_raise(op):
+    """Positions modified in place between the forward and the backward raise there (autograd's version check of
+    the rope's saved tensors), instead of rotating the gradients by the new positions."""
+    positions = torch.arange(5).repeat(2, 1)
+    q = torch.randn(2, 5, 4, 16, requires_grad=True)
+    k, v = torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 16)
+    if op == "rotary_interp":
+        out = pi_kernels.rotary_interp(q, k, positions, scaling_factor=2.0)[0]
+    elif op == "qkv_proj_rotary":
+        x, weight = torch.randn(2, 5, 32, requires_grad=True), torch.randn(128, 32)
+        out = pi_kernels.qkv_proj_rotary(x, weight, num_heads=4, num_kv_heads=2, head_dim=16, positions=positions)[0]
+    elif op == "attention_rotary":
+        out = pi_kernels.attention_rotary(q, k, v, positions, scaling_factor=2.0)
+    else:
+        positions = positions.flatten()
+        query = q.detach().flatten(0, 1).flatten(1).clone().requires_grad_()
+        out = query * 1.0
+        pi_kernels.inference.rotary_embedding_interp(positions, out, None, 16, scaling_factor=2.0)
+    positions.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

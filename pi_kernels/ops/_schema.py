@@ -73,6 +73,12 @@ class Rope:
         check_frequencies(scaling_factor, base, inv_freq, rotary_dim)
         return cls(positions, inv_freq, float(base), float(scaling_factor), rotary_dim, bool(interleaved))
 
+    def tensors(self):
+        """The tensors the record holds, None where absent. An autograd Function that keeps the record for its
+        backward also passes these to ``save_for_backward`` and reads ``saved_tensors`` in the backward, so that
+        positions modified in place in between raise there instead of rotating the gradients by the new values."""
+        return self.positions.ids, self.positions.cu_seqlens, self.inv_freq
+
     def reversed(self):
         """The same rotation in the other direction (its transpose)."""
         return dataclasses.replace(self, conjugate=not self.conjugate)

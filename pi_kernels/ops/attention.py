@@ -436,7 +436,7 @@ class AttentionRotaryFunction(torch.autograd.Function):
             k_rot = k_out if rotation.rotate_k else k
         cu_seqlens = rotation.q.positions.cu_seqlens, rotation.k.positions.cu_seqlens
         out, lse = _core_op(q_rot, k_rot, v, *cu_seqlens, core, backend)
-        ctx.save_for_backward(q_rot, k_rot, v, out, lse)
+        ctx.save_for_backward(q_rot, k_rot, v, out, lse, *rotation.q.tensors(), *rotation.k.tensors())
         ctx.settings = (rotation, core, backend)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -444,7 +444,7 @@ class AttentionRotaryFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        q_rot, k_rot, v, out, lse = ctx.saved_tensors
+        q_rot, k_rot, v, out, lse = ctx.saved_tensors[:5]  # then the ropes' tensors (Rope.tensors)
         rotation, core, backend = ctx.settings
         cu_seqlens = rotation.q.positions.cu_seqlens, rotation.k.positions.cu_seqlens
         dq, dk, dv = _core_backward_op(grad_out, q_rot, k_rot, v, out, lse, *cu_seqlens, core, backend)

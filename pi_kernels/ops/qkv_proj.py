@@ -487,14 +487,14 @@ class QKVProjRotaryFunction(torch.autograd.Function):
         weights = [w for w in (weight_a, weight_b, weight_c) if w is not None]
         biases = [b for b in (bias_a, bias_b, bias_c) if b is not None]
         outs = qkv_proj_forward(x, weights, biases, rope, heads, backend)
-        ctx.save_for_backward(x, *weights)
+        ctx.save_for_backward(*rope.tensors(), x, *weights)
         ctx.options = (rope, heads, backend)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, *weights = ctx.saved_tensors
         rope, heads, backend = ctx.options
+        x, *weights = ctx.saved_tensors[len(rope.tensors()):]  # after the rope's tensors (Rope.tensors)
         needs = ctx.needs_input_grad
         need_x, need_weight, need_bias = needs[0], any(needs[1:4]), any(needs[4:7])
         computed = iter(qkv_proj_backward(list(grads), x, weights, rope, heads, need_x, need_weight, need_bias,

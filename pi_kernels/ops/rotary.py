@@ -237,12 +237,14 @@ class RotaryInterpFunction(torch.autograd.Function):
                                       inplace, backend)
         if inplace:
             ctx.mark_dirty(*((q,) if k is None else (q, k)))
+        ctx.save_for_backward(*rope.tensors())  # for the in-place check (Rope.tensors)
         ctx.rope, ctx.options = rope, (max_seqlen, layout, backend)
         ctx.rotates_k = k is not None
         return (q_out, k_out) if k is not None else q_out
 
     @staticmethod
     def backward(ctx, grad_q, grad_k=None):
+        ctx.saved_tensors  # noqa: B018 - raises if the rope's tensors were modified in place since the forward
         max_seqlen, layout, backend = ctx.options
         # Going through apply again keeps the backward itself differentiable (double backward).
         grads = RotaryInterpFunction.apply(grad_q, grad_k, ctx.rope.reversed(), max_seqlen, layout, False, backend)

@@ -202,13 +202,13 @@ class RotaryEmbeddingFunction(torch.autograd.Function):
     def forward(ctx, query, key, head_size, rope, cos_sin_cache, backend):
         query, key = query.clone(), None if key is None else key.clone()
         _rotary_embedding_op(query, key, head_size, rope, cos_sin_cache, backend)
-        ctx.save_for_backward(cos_sin_cache)
+        ctx.save_for_backward(cos_sin_cache, *rope.tensors())
         ctx.settings = (head_size, rope, backend)
         return query, key
 
     @staticmethod
     def backward(ctx, grad_query, grad_key):
-        (cos_sin_cache,) = ctx.saved_tensors
+        cos_sin_cache = ctx.saved_tensors[0]  # then the rope's tensors (Rope.tensors)
         head_size, rope, backend = ctx.settings
         if cos_sin_cache is None:
             rope = rope.reversed()
