@@ -6,7 +6,6 @@ custom ops' eager implementations, and can be switched off with :func:`set_value
 latency-critical code; they are skipped automatically while a CUDA stream is being captured.
 """
 
-import dataclasses
 import functools
 import math
 import numbers
@@ -205,7 +204,8 @@ def resolve_varlen_positions(positions, cu_seqlens, max_seqlen, total, device):
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     n_seqs = cu_seqlens.shape[0] - 1
     if positions is None or _is_int(positions):
-        return dataclasses.replace(resolve_positions(positions, 1, 1, device), cu_seqlens=cu_seqlens)
+        offset = resolve_positions(positions, 1, 1, device).offset
+        return PositionSpec(POSITIONS_ARANGE, None, offset, cu_seqlens)
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
     _check_position_tensor(positions, device)

@@ -79,9 +79,18 @@ class Rope:
         positions modified in place in between raise there instead of rotating the gradients by the new values."""
         return self.positions.ids, self.positions.cu_seqlens, self.inv_freq
 
+    # The two copies below are built field by field, not with dataclasses.replace: torch.compile traces them (in the
+    # wrappers and the autograd Functions' backwards), and Dynamo of torch 2.11 cannot trace replace on a record made
+    # inside the graph.
+    def with_positions(self, positions):
+        """The same rotation of other positions."""
+        return Rope(positions, self.inv_freq, self.base, self.scaling_factor, self.rotary_dim, self.interleaved,
+                    self.conjugate)
+
     def reversed(self):
         """The same rotation in the other direction (its transpose)."""
-        return dataclasses.replace(self, conjugate=not self.conjugate)
+        return Rope(self.positions, self.inv_freq, self.base, self.scaling_factor, self.rotary_dim, self.interleaved,
+                    not self.conjugate)
 
     def signed_turns(self, device):
         """:meth:`turns`, negated when ``conjugate``: for the kernels without a CONJUGATE switch. The rotation by

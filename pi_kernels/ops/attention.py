@@ -84,7 +84,8 @@ class Rotation:
 
     def reversed(self):
         """The rotation by −angle (the backward's)."""
-        return dataclasses.replace(self, q=self.q.reversed(), k=self.k.reversed())
+        # Field by field, not dataclasses.replace: see Rope.reversed.
+        return Rotation(self.q.reversed(), self.k.reversed(), self.rotate_q, self.rotate_k, self.q_positions_given)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -628,7 +629,7 @@ def attention_rotary(q, k, v, positions=None, *, scaling_factor=1.0, base=10000.
     backend = _backend.resolve_backend(backend, q.device, LAUNCHERS)
     q_rope = Rope.resolve(q_spec, head_dim, scaling_factor=scaling_factor, base=base, inv_freq=inv_freq,
                           rotary_dim=rotary_dim, interleaved=interleaved)
-    rotation = Rotation(q_rope, dataclasses.replace(q_rope, positions=k_spec), bool(rotate_q), bool(rotate_k),
+    rotation = Rotation(q_rope, q_rope.with_positions(k_spec), bool(rotate_q), bool(rotate_k),
                         positions is not None)
     core = CoreArgs(max_seqlen_q, max_seqlen_k, bool(causal), softmax_scale)
     out, lse = AttentionRotaryFunction.apply(q, k, v, rotation, core, backend)

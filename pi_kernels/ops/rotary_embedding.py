@@ -10,7 +10,6 @@ plain-PyTorch ones of :mod:`pi_kernels._torch_backend` have the same semantics. 
 (``kv_cache.py``).
 """
 
-import dataclasses
 import numbers
 
 import torch
@@ -218,7 +217,7 @@ class RotaryEmbeddingFunction(torch.autograd.Function):
             rows = cos_sin_cache[positions.reshape(-1)]
             cos_sin_cache = torch.cat((rows[:, :half], -rows[:, half:2 * half]), dim=1)
             own_rows = torch.arange(positions.numel(), device=positions.device).view(positions.shape)
-            rope = dataclasses.replace(rope, positions=PositionSpec(POSITIONS_IDS, own_rows))
+            rope = rope.with_positions(PositionSpec(POSITIONS_IDS, own_rows))
         # Through apply again, so the backward is itself differentiable.
         grad_query, grad_key = RotaryEmbeddingFunction.apply(grad_query, grad_key, head_size, rope, cos_sin_cache,
                                                              backend)
